@@ -1,0 +1,93 @@
+"""`hydra/launcher=vit_slurm`: the stock submitit Slurm launcher, changed where a 3-week run needs it.
+
+* It returns once the jobs are queued (the stock one waits for results, i.e. for weeks) and prints
+  each job's ID, run directory, logs and follow-up commands. `hydra.launcher.wait=true` waits.
+* Every sweep point is validated on the login node before anything is submitted: a bad config, an
+  impossible batch split, a missing dataset or an unsafe job name stops the whole submission.
+* Each point gets a run directory fixed at submission time, so every requeue finds it again.
+* A job whose task raised is reported as failed to Slurm and submitit (the stock one swallows it).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import OmegaConf
+
+
+@dataclass
+class VitSlurmQueueConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.vit_slurm_launcher.vit_slurm_launcher.VitSlurmLauncher"
+    wait: bool = False
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="vit_slurm", node=VitSlurmQueueConf(),
+                             provider="vit_slurm_launcher")
+
+
+class VitSlurmLauncher(SlurmLauncher):
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        result = super().__call__(*args, **kwargs)
+        if result.status == JobStatus.FAILED:
+            raise result._return_value  # the exception: the Slurm job must end FAILED, not COMPLETED
+        return result
+
+    def _sweep_point(self, overrides: list[str], many: bool):
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        if many and not any(o.startswith("run_dir=") for o in overrides):
+            # one directory per point, named by its overrides, fixed now so that requeues find it
+            point = ",".join(filter_overrides(overrides)).replace("/", "_") or "default"
+            overrides = [*overrides, f"run_dir={Path(cfg.run_dir) / point}"]
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        return overrides, cfg
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        from vit.config import validate
+        from vit.launch import USER_ERRORS, fail
+
+        points = []
+        for overrides in job_overrides:
+            overrides, cfg = self._sweep_point(list(overrides), many=len(job_overrides) > 1)
+            try:
+                validate(cfg, world_size=cfg.cluster.nodes * cfg.cluster.procs_per_node)
+            except USER_ERRORS as e:
+                fail(e)  # before anything is queued
+            points.append((overrides, cfg))
+
+        jobs = []
+        for idx, (overrides, cfg) in enumerate(points, start=initial_job_idx):
+            params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+            params.pop("_target_", None)
+            wait = params.pop("wait", False)
+            folder = Path(cfg.run_dir) / "slurm"
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                             slurm_max_num_timeout=params.pop("max_num_timeout"))
+            params.pop("submitit_folder", None)
+            params.pop("array_parallelism", None)
+            executor.update_parameters(**{k if k in _BASE_KEYS else f"slurm_{k}": v for k, v in params.items()})
+            job = executor.submit(self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+            jobs.append((job, overrides, cfg))
+            _print_submission(job, cfg, folder)
+        if wait:
+            return [job.results()[0] for job, _, _ in jobs]
+        return [JobReturn(overrides=o, cfg=c, status=JobStatus.UNKNOWN, _return_value=j.job_id) for j, o, c in jobs]
+
+
+_BASE_KEYS = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+              "stderr_to_stdout"}
+
+
+def _print_submission(job, cfg, folder: Path) -> None:
+    run_dir = Path(cfg.run_dir).resolve()
+    print(f"submitted job {job.job_id}: {cfg.name} on {cfg.cluster.nodes} node(s)\n"
+          f"  run dir : {run_dir}\n"
+          f"  logs    : {folder.resolve()}/{job.job_id}_<node>_log.out (and .err)\n"
+          f"  follow  : squeue -j {job.job_id}; tail -f {folder.resolve()}/{job.job_id}_0_log.out\n"
+          f"  metrics : {run_dir}/metrics.jsonl; python -m vit.checkpoint ls {run_dir}", flush=True)

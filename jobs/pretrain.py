@@ -1,0 +1,14 @@
+"""Pretrain a ViT: `python jobs/pretrain.py [overrides]` here, `-m cluster=sg_h100` on Slurm."""
+import hydra
+from omegaconf import DictConfig
+
+import vit.launch
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+def main(cfg: DictConfig):
+    return vit.launch.main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+from setuptools import find_namespace_packages, find_packages, setup
+
+setup(
+    name="vit-slurm",
+    version="0.1.0",
+    description="Slurm job toolkit for pretraining and fine-tuning ViT-H/14 with FSDP2",
+    # hydra_plugins is a namespace package shared with hydra-submitit-launcher: Hydra finds launchers there.
+    packages=find_packages(include=["vit", "vit.*"]) + find_namespace_packages(include=["hydra_plugins.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",  # first release with the public FSDP2 `torch.distributed.fsdp.fully_shard`
+        "torchvision",
+        "timm>=1.0",
+        "submitit>=1.5",
+        "hydra-core>=1.3",
+        "hydra-submitit-launcher>=1.2",
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest>=7"]},
+)

@@ -1,0 +1,103 @@
+"""The training core: schedule, weight-decay groups, FSDP2 clipping and equivalence, bad input, smoke run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, losses, run_job
+
+from vit.config import ConfigError, accumulation_steps
+from vit.model import build_model
+from vit.optim import param_groups, warmup_cosine
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    base, warmup, total = 1e-3, 100, 1000
+    assert warmup_cosine(0, base, warmup, total) == pytest.approx(base / warmup)
+    assert warmup_cosine(warmup - 1, base, warmup, total) == pytest.approx(base)
+    assert warmup_cosine(warmup, base, warmup, total) == pytest.approx(base)
+    mid = warmup + (total - 1 - warmup) // 2
+    assert warmup_cosine(mid, base, warmup, total) == pytest.approx(base / 2, rel=1e-2)
+    assert warmup_cosine(total - 1, base, warmup, total) == 0.0
+    lrs = [warmup_cosine(s, base, warmup, total) for s in range(total)]
+    assert all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings():
+    model = build_model("vit_tiny_patch16", num_classes=3, img_size=32)
+    names = {}
+    for group in param_groups(model, 0.05):
+        for name in group["names"]:
+            names[name] = group["weight_decay"]
+    assert names["blocks.0.attn.qkv.weight"] == 0.05
+    assert names["patch_embed.proj.weight"] == 0.05 and names["head.weight"] == 0.05
+    for exempt in ["blocks.0.attn.qkv.bias", "blocks.0.norm1.weight", "norm.bias", "pos_embed", "cls_token",
+                   "head.bias"]:
+        assert names[exempt] == 0.0, exempt
+    assert len(names) == len(list(model.parameters()))
+
+
+def test_accumulation_is_derived_and_impossible_splits_are_rejected():
+    assert accumulation_steps(2048, 32, 32) == 2
+    assert accumulation_steps(2048, 64, 32) == 1
+    with pytest.raises(ConfigError, match=r"train.micro_batch: 48 per rank x 8 ranks does not divide"):
+        accumulation_steps(2048, 48, 8)
+
+
+def test_clipped_norm_under_fsdp2_equals_unsharded(tmp_path):
+    from dist_workers import clip_matches_unsharded, spawn
+    spawn(clip_matches_unsharded, 2, tmp_path)
+    assert (tmp_path / "ok").exists()
+
+
+def test_two_fsdp_ranks_give_the_same_losses_as_one_process(tmp_path):
+    one = run_job(tmp_path / "one", "train.steps=6")
+    two = run_job(tmp_path / "two", "train.steps=6", nproc=2)
+    assert "2 ranks x 1 accumulation" in two.stdout and "1 ranks x 2 accumulation" in one.stdout
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    assert a[6] < a[1]  # and it learns
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.name=vit_gigantic", "model.name"),
+    ("train.micro_batch=5", "train.micro_batch"),
+    ("optim.warmup_steps=500", "optim.warmup_steps"),
+    ("optim.lr=-1", "optim.lr"),
+    ("data=imagenet21k", "data.root"),
+])
+def test_bad_input_fails_early_in_one_line(tmp_path, override, key):
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "experiment=smoke", f"run_dir={tmp_path}", override,
+                           f"data.root={tmp_path / 'no-such-dataset'}" if key == "data.root" else "train.steps=100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_smoke_command_runs_end_to_end(tmp_path):
+    """The README's quick start, exactly (it writes under runs/smoke relative to the cwd)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "experiment=smoke"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "summary:" in proc.stdout and '"state": "completed"' in proc.stdout
+    curve = losses(tmp_path / "runs/smoke")
+    assert max(curve) == 120 and curve[120] < 0.5 * curve[10]
+    assert (tmp_path / "runs/smoke/checkpoints/step-120/COMPLETE").exists()
+    again = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "experiment=smoke"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_metrics_file_has_one_record_per_logged_step(tmp_path):
+    run_job(tmp_path, "train.steps=4", "train.log_every=2")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"step", "loss", "lr", "grad_norm", "images_per_s", "tflops_per_device", "mfu"} <= set(records[0])
+    assert len(repr(records[0]["loss"])) > 10  # full precision, not a rounded display value

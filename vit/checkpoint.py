@@ -1,0 +1,395 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): save, validate, resume, retain, export.
+
+Layout of `<run_dir>/checkpoints/step-<N>/`:
+  *.distcp, .metadata   the model and AdamW state; each rank writes its own shards
+  train_state.json      step, data position, bad-sample count, config, version, class map (rank 0)
+  rng/rank-<r>.json     each rank's torch/CUDA/numpy/python RNG state
+  COMPLETE              written last, atomically (rename), after a barrier: only then is it valid
+`checkpoints/latest` names the newest valid checkpoint; the loader does not trust it blindly and
+re-checks every candidate, newest first, skipping incomplete or damaged ones with a warning.
+
+No untrusted pickle is ever loaded: JSON for non-tensor state, DCP's byte items through
+`torch.load(weights_only=True)`, and DCP's `.metadata` through an unpickler that admits only the
+DCP metadata classes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import random
+import shutil
+import sys
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+COMPLETE = "COMPLETE"
+TRAIN_STATE = "train_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# --- reading DCP metadata without arbitrary pickle -------------------------------------------------
+
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset"),
+}
+_ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_MODULE_PREFIXES):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+class SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# --- validity -----------------------------------------------------------------------------------
+
+def step_of(path: Path) -> int | None:
+    name = path.name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """All `step-N` directories, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of, reverse=True)
+
+
+def problem_with(path: Path) -> str | None:
+    """Why this checkpoint cannot be loaded, or None if it is complete and every shard is there in full."""
+    if not (path / COMPLETE).is_file():
+        return "incomplete (no COMPLETE marker)"
+    try:
+        json.loads((path / TRAIN_STATE).read_text())
+        metadata = SafeReader(str(path)).read_metadata()
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        return f"unreadable metadata ({e})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in needed.items():
+        f = path / rel
+        if not f.is_file():
+            return f"shard {rel} is missing"
+        if f.stat().st_size < size:
+            return f"shard {rel} is truncated ({f.stat().st_size} of {size} bytes)"
+    return None
+
+
+def valid_checkpoints(root: Path, warn: bool = True) -> list[Path]:
+    valid = []
+    for path in checkpoint_dirs(root):
+        problem = problem_with(path)
+        if problem is None:
+            valid.append(path)
+        elif warn:
+            warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+    return valid
+
+
+# --- RNG state as JSON ----------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- the checkpointer -----------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    step: int
+    path: Path
+    future: Future
+    started: float
+
+
+class Checkpointer:
+    """Saves and restores the model, optimizer and train state of every rank. All methods are collective."""
+
+    def __init__(self, root: str | os.PathLike, rank: int, *, keep: int = 3, keep_every: int | None = None,
+                 every_steps: int | None = None, every_minutes: float | None = None, async_save: bool = False):
+        self.root, self.rank = Path(root), rank
+        self.keep, self.keep_every = max(keep, 2), keep_every
+        self.every_steps, self.every_minutes, self.async_save = every_steps, every_minutes, async_save
+        self.last_save_time = time.monotonic()
+        self.pending: _Pending | None = None
+        self.last_save_seconds: float | None = None
+        # Async saves run DCP's collectives on a background thread: give them their own gloo group
+        # so they never interleave with the training loop's NCCL collectives.
+        self.async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+
+    # triggers
+    def step_due(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def time_due(self) -> bool:
+        """Local view only: the loop all-reduces it so that every rank saves at the same step."""
+        return bool(self.every_minutes) and time.monotonic() - self.last_save_time >= 60 * self.every_minutes
+
+    # save
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
+        if step == 0:
+            return  # nothing trained yet: a fresh start reproduces this state exactly
+        self.finish()
+        path = self.root / f"step-{step}"
+        started = time.monotonic()
+        if self.rank == 0:
+            if path.exists():  # left by a save that was killed; never valid, safe to replace
+                shutil.rmtree(path)
+            (path / "rng").mkdir(parents=True)
+        _barrier()
+        (path / "rng" / f"rank-{self.rank}.json").write_text(json.dumps(rng_state()))
+        if self.rank == 0:
+            (path / TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}))
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        writer = FileSystemWriter(str(path), thread_count=4, sync_files=True)
+        try:
+            if self.async_save:
+                future = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
+                                        process_group=self.async_group)
+                self.pending = _Pending(step, path, future, started)
+                return
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
+        except Exception as e:
+            self._abandon(path, e)
+        self._commit(step, path, started)
+
+    def pending_done(self) -> bool:
+        return self.pending is None or self.pending.future.done()
+
+    def finish(self) -> None:
+        """Wait for an in-flight async save and commit it (collective)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        try:
+            pending.future.result()
+        except Exception as e:
+            self._abandon(pending.path, e)
+        self._commit(pending.step, pending.path, pending.started)
+
+    def _abandon(self, path: Path, error: Exception) -> None:
+        _barrier()
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        previous = valid_checkpoints(self.root, warn=False)
+        keep = f"the previous checkpoint {previous[0]} is kept" if previous else "there is no earlier checkpoint"
+        raise CheckpointError(f"saving {path} failed ({_root_cause(error)}); {keep}") from error
+
+    def _commit(self, step: int, path: Path, started: float) -> None:
+        _barrier()  # every rank's shards are written and synced
+        if self.rank == 0:
+            _write_atomic(path / COMPLETE, f"{time.time()}\n")
+            _write_atomic(self.root / "latest", path.name + "\n")
+            self._apply_retention(path)
+        _barrier()
+        self.last_save_time = time.monotonic()
+        self.last_save_seconds = time.monotonic() - started
+
+    def _apply_retention(self, newest: Path) -> None:
+        valid = valid_checkpoints(self.root, warn=False)
+        keep = set(valid[: self.keep]) | {newest}
+        if self.keep_every:
+            keep |= {p for p in valid if step_of(p) % self.keep_every == 0}
+        for path in checkpoint_dirs(self.root):
+            # Only older ones: a newer directory could be a save that another run is still writing.
+            if path not in keep and step_of(path) < step_of(newest):
+                shutil.rmtree(path, ignore_errors=True)
+
+    # load
+    def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Restore the newest loadable checkpoint; returns its train state, or None to start fresh."""
+        candidates = [str(p) for p in valid_checkpoints(self.root)] if self.rank == 0 else None
+        candidates = _broadcast(candidates)
+        for candidate in candidates:
+            path = Path(candidate)
+            try:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=SafeReader(str(path)))
+                set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+                ok = 1
+            except Exception as e:  # a shard that went bad after the check: fall back to the previous one
+                warnings.warn(f"skipping checkpoint {path}: failed to load ({_root_cause(e)})", stacklevel=2)
+                ok = 0
+            if _all_ok(ok):
+                rng_file = path / "rng" / f"rank-{self.rank}.json"
+                if rng_file.is_file():  # absent after a change of world size: keep this rank's seed
+                    set_rng_state(json.loads(rng_file.read_text()))
+                return {"path": str(path), **json.loads((path / TRAIN_STATE).read_text())}
+        return None
+
+
+def _root_cause(e: BaseException) -> str:
+    text = str(e)
+    while e.__cause__ is not None:
+        e = e.__cause__
+        text = str(e) or text
+    if "No space left" in str(e) or "No space left" in text:
+        return "disk full: No space left on device"
+    return text.strip().splitlines()[-1][:300] if text.strip() else type(e).__name__
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _broadcast(obj):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _all_ok(ok: int) -> bool:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([ok], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_cpu_group())
+        return bool(t.item())
+    return bool(ok)
+
+
+def _cpu_group():
+    """A gloo group for small CPU-side agreements, whatever the training backend is."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+_CPU_GROUP = None
+
+
+# --- tools: export and ls -------------------------------------------------------------------------
+
+def export_safetensors(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Consolidate the model of a DCP checkpoint into one safetensors file with timm's names."""
+    from safetensors.torch import save_file
+
+    from vit.model import build_model
+
+    path = Path(checkpoint)
+    if path.name == "checkpoints" or (path / "checkpoints").is_dir():  # a run dir or its checkpoints dir
+        root = path if path.name == "checkpoints" else path / "checkpoints"
+        valid = valid_checkpoints(root)
+        if not valid:
+            raise CheckpointError(f"no valid checkpoint in {root}")
+        path = valid[0]
+    problem = problem_with(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    state = json.loads((path / TRAIN_STATE).read_text())
+    cfg = state["config"]
+    with torch.device("meta"):
+        model = build_model(cfg["model"]["name"], num_classes=len(state["classes"]), img_size=cfg["data"]["img_size"])
+    model = model.to_empty(device="cpu")
+    sd = model.state_dict()
+    dcp.load({"model": sd}, storage_reader=SafeReader(str(path)), no_dist=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out),
+              metadata={"model": cfg["model"]["name"], "step": str(state["step"]),
+                        "num_classes": str(len(state["classes"])), "img_size": str(cfg["data"]["img_size"])})
+    return out
+
+
+def describe(root: Path) -> list[dict]:
+    rows = []
+    for path in checkpoint_dirs(root):
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        marker = path / COMPLETE
+        rows.append({"step": step_of(path), "path": str(path), "size_bytes": size,
+                     "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(marker.stat().st_mtime))
+                     if marker.exists() else None,
+                     "status": problem_with(path) or "valid"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vit.checkpoint", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="consolidate a checkpoint's model into one safetensors file")
+    ex.add_argument("checkpoint", help="a step-N directory, or a run directory (newest valid checkpoint)")
+    ex.add_argument("out")
+    ls = sub.add_parser("ls", help="list a run's checkpoints with step, time, size and validity")
+    ls.add_argument("run_dir")
+    ls.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            print(export_safetensors(args.checkpoint, args.out))
+            return 0
+        root = Path(args.run_dir)
+        rows = describe(root / "checkpoints" if (root / "checkpoints").is_dir() else root)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'step':>10}  {'time':19}  {'size':>10}  status")
+        for r in rows:
+            print(f"{r['step']:>10}  {r['time'] or '-':19}  {r['size_bytes'] / 1e6:>8.1f}MB  {r['status']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Config checks that run before anything is trained or submitted, and the values derived from it.
+
+Every user error becomes a `ConfigError` whose message is one line: the config key, what is wrong,
+and how to fix it. Entry points print that line and exit non-zero without a traceback.
+"""
+from __future__ import annotations
+
+import math
+import re
+from omegaconf import DictConfig, OmegaConf
+
+from vit.model import VARIANTS
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, problem: str, fix: str):
+        super().__init__(f"{key}: {problem}; {fix}")
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batch per rank x world size x accumulation = global batch; the accumulation is derived."""
+    per_step = micro_batch * world_size
+    if micro_batch <= 0 or global_batch % per_step:
+        divisors = [d for d in range(1, global_batch // world_size + 1) if global_batch % (d * world_size) == 0]
+        raise ConfigError(
+            "train.micro_batch",
+            f"{micro_batch} per rank x {world_size} ranks does not divide train.global_batch={global_batch}",
+            f"use a micro_batch that divides {global_batch // math.gcd(global_batch, world_size)}"
+            + (f", e.g. {max(d for d in divisors if d <= max(micro_batch, 1))}" if divisors else ""),
+        )
+    return global_batch // per_step
+
+
+def total_steps(cfg: DictConfig, num_samples: int) -> int:
+    if cfg.train.steps:
+        return int(cfg.train.steps)
+    return math.ceil(cfg.train.epochs * num_samples / cfg.train.global_batch)
+
+
+def max_requeues(run_hours: float, time_limit_min: float, margin: float = 1.5, spare: int = 5) -> int:
+    """Time-limit requeues a run needs (run length / time limit), with margin for slow or lost steps."""
+    return math.ceil(math.ceil(run_hours * 60 / time_limit_min) * margin) + spare
+
+
+OmegaConf.register_new_resolver("max_requeues", max_requeues, replace=True)
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Checks that need no data access beyond `check_data`'s cheap look at the dataset root."""
+    if cfg.model.name not in VARIANTS:
+        raise ConfigError("model.name", f"unknown model {cfg.model.name!r}",
+                          f"choose one of {', '.join(VARIANTS)} (e.g. model=vit_huge_patch14)")
+    if not SAFE_NAME.match(str(cfg.name)):
+        raise ConfigError("name", f"{cfg.name!r} is not a safe job name",
+                          "use letters, digits, '.', '_' and '-' only (at most 128 characters)")
+    if not cfg.optim.lr > 0:
+        raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}", "set optim.lr to e.g. 1e-3")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", "must be >= 0", "set optim.warmup_steps=0 for no warmup")
+    if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
+        raise ConfigError("train.grad_clip", "must be positive or null", "set train.grad_clip=1.0 or null")
+    if cfg.train.loss not in ("softmax", "sigmoid"):
+        raise ConfigError("train.loss", f"unknown loss {cfg.train.loss!r}", "use softmax or sigmoid")
+    if cfg.train.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError("train.precision", f"unknown precision {cfg.train.precision!r}", "use auto, bf16 or fp32")
+    if cfg.data.img_size % VARIANTS[cfg.model.name].patch_size:
+        raise ConfigError("data.img_size", f"{cfg.data.img_size} is not a multiple of the patch size",
+                          f"use a multiple of {VARIANTS[cfg.model.name].patch_size}")
+    if cfg.checkpoint.keep < 2:
+        raise ConfigError("checkpoint.keep", f"{cfg.checkpoint.keep} leaves no fallback",
+                          "keep at least 2 checkpoints")
+    accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, world_size)
+
+    from vit.data.sources import check_data  # raises DataError, a one-line ValueError naming the key
+    check_data(cfg.data)
+
+    steps = total_steps(cfg, int(cfg.data.num_samples))
+    if cfg.optim.warmup_steps >= steps:
+        raise ConfigError("optim.warmup_steps", f"{cfg.optim.warmup_steps} is not shorter than the run ({steps} steps)",
+                          "lower optim.warmup_steps or raise train.steps/train.epochs")
+
+

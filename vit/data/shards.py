@@ -1,0 +1,234 @@
+"""Tar shards in WebDataset layout (shard-000000.tar holding 000123.jpg + 000123.cls, ...), read by index.
+
+We read the tars ourselves instead of with the `webdataset` library because that library streams:
+a worker reads its shards front to back, so the data position is a per-worker stream offset that
+depends on the number of ranks and workers, and a resume on another world size can only restart
+shards (repeating or skipping samples). Here every sample is addressed by a global index: a
+per-shard member index of (offset, size, label), built once with `tarfile` and cached like the
+ImageFolder index (fingerprint: shard names, sizes and mtimes), makes the shards map-style, so the
+lead's global-position sampler (vit/data/loader.py) gives the same exact, world-size-independent
+order and resume as for any other source. Reading a sample is one `os.pread` on a shard file kept
+open per worker process; the shards spare the file system the per-file opens and stats of 14M
+small files, which is what parallel file systems are slow at, and random 100 KB reads are cheap.
+
+Convert an ImageFolder tree (samples shuffled across shards with a fixed seed, bytes unchanged):
+    python -m vit.data.shards convert <imagefolder_root> <out_dir> [--samples-per-shard N] [--workers K]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import resource
+import sys
+import tarfile
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from vit.data.imagefolder import DataError, ImageFolder, cached_index
+from vit.data.transforms import open_image
+
+CLASSES_FILE = "classes.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
+def list_shards(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        raise DataError(f"{root} does not exist or is not a directory")
+    shards = sorted(n for n in os.listdir(root) if n.endswith(".tar"))
+    if not shards:
+        raise DataError(f"{root} has no .tar shards; write them with `python -m vit.data.shards convert`")
+    return shards
+
+
+def read_classes(root: str) -> list[str]:
+    path = os.path.join(root, CLASSES_FILE)
+    try:
+        with open(path) as f:
+            classes = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; it must list the class names in label order (JSON)") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable: {e}") from None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{path} must be a non-empty JSON list of class names")
+    return classes
+
+
+def _index_shard(path: str) -> tuple[list[bytes], list[int], list[int], list[int]]:
+    """Keys, image data offsets, image sizes and labels of one shard's samples, in tar order."""
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:  # "r:": random access needs an uncompressed tar
+            for member in tar:
+                directory, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")  # WebDataset: the key ends at the first dot
+                if member.isfile() and dot:
+                    samples.setdefault(f"{directory}/{stem}" if directory else stem, {})[ext.lower()] = member
+            cls = {key: tar.extractfile(m["cls"]).read() for key, m in samples.items() if "cls" in m}
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"{path} is not a readable uncompressed tar shard: {e}") from None
+    keys, offsets, sizes, labels = [], [], [], []
+    for key, members in samples.items():
+        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+        if image is None or key not in cls:
+            raise DataError(f"{path}: sample {key} needs an image (.jpg/.jpeg/.png) and a .cls member")
+        try:
+            labels.append(int(cls[key]))
+        except ValueError:
+            raise DataError(f"{path}: {key}.cls holds {cls[key][:20]!r}, not an integer label") from None
+        keys.append(key.encode())
+        offsets.append(image.offset_data)
+        sizes.append(image.size)
+    return keys, offsets, sizes, labels
+
+
+def _build_index(root: str, shards: list[str], pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
+    per_shard = list(pool.map(_index_shard, [os.path.join(root, s) for s in shards]))
+    shard_offsets = np.zeros(len(shards) + 1, dtype=np.int64)
+    np.cumsum([len(keys) for keys, *_ in per_shard], out=shard_offsets[1:])
+    column = lambda i, dtype: np.array([v for part in per_shard for v in part[i]], dtype=dtype)  # noqa: E731
+    return {"shards": np.array(shards), "shard_offsets": shard_offsets, "keys": column(0, np.bytes_),
+            "offsets": column(1, np.int64), "sizes": column(2, np.int64), "labels": column(3, np.int64)}
+
+
+def _fingerprint(root: str, shards: list[str]) -> str:
+    stats = [os.stat(os.path.join(root, s)) for s in shards]
+    return "v1:" + "".join(f"{s}\t{st.st_size}\t{st.st_mtime_ns}\n" for s, st in zip(shards, stats))
+
+
+class Shards:
+    """Map-style source over a shard directory; `transform(pil_image, rng)` makes the tensor.
+
+    `classes` maps the shards' labels (names from their classes.json) onto another class list.
+    """
+
+    def __init__(self, root: str, transform, cache_dir: str | None = None, classes: list[str] | None = None,
+                 threads: int = 16):
+        self.root, self.transform = root, transform
+        own_classes = read_classes(root)
+        shards = list_shards(root)
+        with ThreadPoolExecutor(threads) as pool:
+            index = cached_index(root, cache_dir, "shard-index", _fingerprint(root, shards),
+                                 lambda: _build_index(root, shards, pool))
+        self.shards, self.shard_offsets = index["shards"].tolist(), index["shard_offsets"]
+        self.keys, self.offsets, self.sizes = index["keys"], index["offsets"], index["sizes"]
+        labels = index["labels"]
+        if not len(labels):
+            raise DataError(f"{root}: the shards hold no samples")
+        if not 0 <= labels.min() <= labels.max() < len(own_classes):
+            raise DataError(f"{root}: .cls labels run {labels.min()}..{labels.max()} "
+                            f"but {CLASSES_FILE} has {len(own_classes)} classes")
+        self.classes = list(classes) if classes is not None else own_classes
+        position = {c: i for i, c in enumerate(self.classes)}
+        missing = [c for c in own_classes if c not in position]
+        if missing:
+            raise DataError(f"{root} has {len(missing)} classes that the train classes lack (e.g. {missing[0]})")
+        self.labels = np.array([position[c] for c in own_classes], dtype=np.int64)[labels]
+        # Each worker touches every shard; keep at most a quarter of the fd limit (torch shares
+        # tensors between processes through fds too), least recently used closed first.
+        self.max_open = max(8, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        self._fds: OrderedDict[int, int] = OrderedDict()
+
+    def __getstate__(self):
+        # Workers open their own descriptors lazily. (Forked workers inherit the parent's: pread
+        # has no shared file offset, so sharing them is safe.)
+        return {**self.__dict__, "_fds": OrderedDict()}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _shard(self, index: int) -> int:
+        return int(np.searchsorted(self.shard_offsets, index, side="right")) - 1
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            fd = os.open(os.path.join(self.root, self.shards[shard]), os.O_RDONLY)
+            if len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds[shard] = fd  # (re)inserted last = most recently used
+        return fd
+
+    def sample_keys(self) -> Iterator[bytes]:
+        """`<shard>/<key>` as bytes, in index order (for a deterministic hold-out split)."""
+        for s, shard in enumerate(self.shards):
+            prefix = f"{shard}/".encode()
+            for key in self.keys[self.shard_offsets[s]:self.shard_offsets[s + 1]].tolist():
+                yield prefix + key
+
+    def describe(self, index: int) -> str:
+        return f"{os.path.join(self.root, self.shards[self._shard(index)])}:{self.keys[index].decode()}"
+
+    def load(self, index: int, rng: random.Random) -> tuple[torch.Tensor, int]:
+        size = int(self.sizes[index])
+        data = os.pread(self._fd(self._shard(index)), size, int(self.offsets[index]))
+        if len(data) != size:
+            raise OSError(f"shard ends {size - len(data)} bytes early")
+        with open_image(io.BytesIO(data)) as img:
+            return self.transform(img, rng), int(self.labels[index])
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def convert(src: str, out: str, samples_per_shard: int = 10000, workers: int = 8, seed: int = 0) -> Shards:
+    """Write an ImageFolder tree as shards (shuffled with `seed`), classes.json and the shard index."""
+    if os.path.isdir(out) and any(n.endswith(".tar") for n in os.listdir(out)):
+        raise DataError(f"{out} already holds .tar shards; remove them or choose another output directory")
+    os.makedirs(out, exist_ok=True)
+    folder = ImageFolder(src, transform=None, cache_dir=out)
+    order = np.random.default_rng(seed).permutation(len(folder))
+    width = max(6, len(str(len(folder) - 1)))
+    starts = range(0, len(folder), samples_per_shard)
+
+    def write(shard: int) -> None:
+        path = os.path.join(out, f"shard-{shard:06d}.tar")
+        first = starts[shard]
+        with tarfile.open(path + ".tmp", "w") as tar:
+            for position, i in enumerate(order[first:first + samples_per_shard].tolist(), start=first):
+                relpath = folder.relpath(i)
+                with open(os.path.join(src, relpath), "rb") as f:
+                    data = f.read()
+                ext = "png" if relpath.lower().endswith(".png") else "jpg"
+                _add(tar, f"{position:0{width}d}.{ext}", data)
+                _add(tar, f"{position:0{width}d}.cls", str(folder.label(i)).encode())
+        os.replace(path + ".tmp", path)  # a killed run leaves no complete-looking partial shard
+        print(f"{os.path.basename(path)}: samples {first}..{min(first + samples_per_shard, len(folder)) - 1}",
+              file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(write, range(len(starts))))
+    with open(os.path.join(out, CLASSES_FILE), "w") as f:
+        json.dump(folder.classes, f)
+    return Shards(out, transform=None, threads=workers)  # builds and caches the member index
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vit.data.shards", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("convert", help="write an ImageFolder tree as tar shards")
+    c.add_argument("src", help="ImageFolder root (one directory per class)")
+    c.add_argument("out", help="output directory for shard-NNNNNN.tar, classes.json and the index")
+    c.add_argument("--samples-per-shard", type=int, default=10000, help="default 10000 (~1 GB of ImageNet)")
+    c.add_argument("--workers", type=int, default=8, help="shards written in parallel (I/O bound threads)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards")
+    args = parser.parse_args(argv)
+    try:
+        shards = convert(args.src, args.out, args.samples_per_shard, args.workers, args.seed)
+    except DataError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"wrote {len(shards)} samples of {len(shards.classes)} classes in {len(shards.shards)} shards to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

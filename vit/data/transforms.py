@@ -1,0 +1,177 @@
+"""Train and eval image transforms: PIL decodes, torch resizes and jitters, all randomness from `rng`.
+
+A transform takes an *opened but not yet decoded* PIL image and a `random.Random`, and returns a
+normalised float tensor [3, S, S]. Every random draw happens before decoding and is made on the
+original image size, so the augmentation does not depend on how the image is decoded:
+
+* JPEGs whose crop is at least twice the output size are decoded at 1/2, 1/4 or 1/8 scale by the
+  DCT (`Image.draft`), the largest reduction that still leaves the crop >= the output size. The
+  crop box, sampled on the original size, is mapped onto the reduced image (rounded to its pixel
+  grid: under half a reduced pixel, < 0.3% of such a crop's side).
+* Geometry runs on uint8: torch's antialiased uint8 resize (same filter as PIL's, ~4x faster than
+  `Image.resize` here) works directly on the crop of the decoded array.
+* The single uint8 -> float conversion happens on the small output crop; the colour jitter runs in
+  float there with torchvision's float-tensor semantics (each op clamps to the valid range), and
+  the mean/std normalisation is one fused multiply-subtract. Jitter on uint8 (PIL ImageEnhance or
+  torchvision's uint8 path, which converts to float and back per op) costs 3x more.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights
+_DRAFT_FACTORS = (8, 4, 2)
+
+
+def open_image(fp) -> Image.Image:
+    """Image.open, with an oversized image reported as ValueError so that the loader skips it."""
+    try:
+        return Image.open(fp)
+    except Image.DecompressionBombError as e:
+        raise ValueError(str(e)) from e
+
+
+def sample_crop(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
+                rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop, torchvision's RandomResizedCrop.get_params."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # Fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draft_factor(crop_w: int, crop_h: int, out_size: int) -> int:
+    """The largest DCT reduction (1, 2, 4 or 8) that keeps a crop of this size >= out_size."""
+    fit = min(crop_w, crop_h) // out_size
+    return next((f for f in _DRAFT_FACTORS if f <= fit), 1)
+
+
+def decode(img: Image.Image, draft_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, float]:
+    """Decode to a uint8 HWC tensor, DCT-reduced towards draft_size; also returns the reduction."""
+    reduction = 1.0
+    if draft_size is not None:
+        width = img.size[0]
+        drafted = img.draft("RGB", draft_size)  # None for non-JPEGs and already-decoded images
+        if drafted is not None:
+            reduction = width / drafted[1][2]  # drafted box = (0, 0, width / reduction, height / reduction)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return torch.from_numpy(np.array(img)), reduction
+
+
+def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """uint8 HWC (may be a crop view) -> uint8 CHW contiguous, antialiased like PIL."""
+    return F.interpolate(pixels.permute(2, 0, 1).unsqueeze(0), size=size, mode=mode, antialias=True)[0]
+
+
+class _Normalize:
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        # On the 0..255 scale: (x / 255 - mean) / std == x * scale - offset
+        self.scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+        self.offset = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.scale).sub_(self.offset)
+
+
+class TrainTransform:
+    """RandomResizedCrop + horizontal flip + ColorJitter(brightness, contrast, saturation) + normalise."""
+
+    def __init__(self, img_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                 jitter: Sequence[float] = (0.4, 0.4, 0.4), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 interpolation: str = "bilinear"):
+        self.size, self.scale, self.ratio, self.hflip = img_size, tuple(scale), tuple(ratio), hflip
+        self.jitter = [(op, max(0.0, 1 - j), 1 + j) for op, j in enumerate(jitter) if j > 0]
+        self.normalize, self.interpolation = _Normalize(mean, std), interpolation
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        width, height = img.size
+        top, left, h, w = sample_crop(width, height, self.scale, self.ratio, rng)
+        flip = rng.random() < self.hflip
+        ops = [(op, rng.uniform(lo, hi)) for op, lo, hi in self.jitter]
+        rng.shuffle(ops)  # torchvision applies the jitter ops in a random order
+
+        factor = draft_factor(w, h, self.size)
+        pixels, r = decode(img, (width // factor, height // factor) if factor > 1 else None)
+        if r != 1:
+            top, bottom = round(top / r), min(round((top + h) / r), pixels.shape[0])
+            left, right = round(left / r), min(round((left + w) / r), pixels.shape[1])
+        else:
+            bottom, right = top + h, left + w
+        x = _resize(pixels[top:bottom, left:right], (self.size, self.size), self.interpolation)
+        if flip:
+            x = x.flip(-1)
+        x = x.float()
+        for op, f in ops:
+            _jitter(x, op, f)
+        return self.normalize(x)
+
+
+def _jitter(x: torch.Tensor, op: int, f: float) -> None:
+    """One ColorJitter op on a float CHW image in 0..255, in place: blend with black/mean/gray."""
+    if op == 0:  # brightness
+        x.mul_(f)
+    elif op == 1:  # contrast
+        x.mul_(f).add_((1 - f) * float(_GRAY @ x.mean((1, 2))))
+    else:  # saturation
+        x.mul_(f).add_(torch.tensordot(_GRAY, x, 1).mul_(1 - f))
+    x.clamp_(0, 255)
+
+
+class EvalTransform:
+    """Resize the shorter side to img_size / crop_pct, then centre-crop img_size, normalise."""
+
+    def __init__(self, img_size: int, crop_pct: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 interpolation: str = "bilinear"):
+        self.size, self.resize_to = img_size, math.floor(img_size / crop_pct)
+        self.normalize, self.interpolation = _Normalize(mean, std), interpolation
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        width, height = img.size
+        short, long = sorted((width, height))
+        long = int(self.resize_to * long / short)  # torchvision's Resize(int) rounding
+        new_w, new_h = (self.resize_to, long) if width <= height else (long, self.resize_to)
+        pixels, _ = decode(img, (new_w, new_h))
+        x = _resize(pixels, (new_h, new_w), self.interpolation)
+        top, left = int(round((new_h - self.size) / 2)), int(round((new_w - self.size) / 2))
+        return self.normalize(x[:, top:top + self.size, left:left + self.size].float())
+
+
+def build_transform(cfg: Mapping, train: bool):
+    """Transform from data config keys img_size, scale, ratio, hflip, color_jitter (float or [b, c, s]),
+    mean, std, eval_crop_pct, interpolation ('bilinear' | 'bicubic')."""
+    common = dict(mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+                  interpolation=cfg.get("interpolation", "bilinear"))
+    if common["interpolation"] not in ("bilinear", "bicubic"):
+        raise ValueError(f"data.interpolation: {common['interpolation']!r} is not 'bilinear' or 'bicubic'")
+    if not train:
+        return EvalTransform(cfg["img_size"], cfg.get("eval_crop_pct", 0.875), **common)
+    jitter = cfg.get("color_jitter", 0.4)
+    jitter = (float(jitter),) * 3 if isinstance(jitter, (int, float)) else tuple(jitter)
+    if len(jitter) != 3:
+        raise ValueError(f"data.color_jitter: expected a number or [brightness, contrast, saturation], got {jitter}")
+    return TrainTransform(cfg["img_size"], cfg.get("scale", (0.08, 1.0)), cfg.get("ratio", (3 / 4, 4 / 3)),
+                          float(cfg.get("hflip", 0.5)), jitter, **common)

@@ -1,0 +1,74 @@
+"""Process-group setup from torchrun's environment, and the few collectives the loop needs."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> World:
+    """Join the process group torchrun describes; a plain `python` run becomes a group of one.
+
+    A group of one is still a real (gloo/nccl) group so the same FSDP2 and DCP code runs everywhere.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # single process without torchrun
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=timeout_minutes),
+                                device_id=dev if use_cuda else None)
+    mesh = init_device_mesh(dev.type, (world_size,))
+    return World(rank, world_size, local_rank, dev, mesh)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
+    """Agree on flags across ranks: a rank that saw a stop signal makes every rank stop.
+
+    int32 because NCCL reduces it natively (bool is not supported by every backend).
+    """
+    t = torch.tensor(values, dtype=torch.int32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

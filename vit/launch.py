@@ -1,0 +1,91 @@
+"""What an entry point does with a composed config: check it, then train here or hand over to Slurm.
+
+User errors (config, data, checkpoint) end in one line on stderr and exit status 2, no traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from vit.checkpoint import CheckpointError
+from vit.config import ConfigError, validate
+from vit.data.sources import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def fail(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def write_status(run_dir: str | os.PathLike, **status) -> None:
+    """`<run_dir>/status.json`: how the last training process ended (read by the requeue logic)."""
+    path = Path(run_dir) / "status.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"status.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"time": time.time(), **status}))
+    os.replace(tmp, path)
+
+
+def run_training(cfg: DictConfig) -> dict:
+    """Train in this process (a rank of torchrun, or a single process) and record how it ended."""
+    from vit.train import train
+
+    rank = int(os.environ.get("RANK", 0))
+    progress: dict = {}
+    try:
+        validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        summary = train(cfg, progress)
+    except USER_ERRORS as e:
+        if rank == 0:
+            write_status(cfg.run_dir, state="failed", error=str(e), user_error=True)
+        fail(e)
+    except BaseException as e:
+        if rank == 0:
+            last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+            where = f"{last.filename}:{last.lineno}" if last else "?"
+            write_status(cfg.run_dir, state="failed", error=f"{type(e).__name__}: {e}"[:500], where=where,
+                         step=progress.get("step"))
+        raise
+    if rank == 0:
+        write_status(cfg.run_dir, **summary)
+    return summary
+
+
+def run_slurm_node(cfg: DictConfig) -> None:
+    """A submitit task (one per node): write the resolved config, run torchrun, decide on requeue."""
+    from omegaconf import OmegaConf
+
+    from vit.slurm import NodeAgent
+
+    config = Path(cfg.run_dir) / "slurm" / f"config-{os.environ['SLURM_JOB_ID']}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    tmp = config.with_name(f"{config.name}.{os.environ.get('SLURM_NODEID', '0')}.tmp")
+    OmegaConf.save(cfg, tmp, resolve=True)
+    os.replace(tmp, config)  # every node writes the same bytes; the rename keeps readers safe
+    cluster = cfg.cluster
+    code = NodeAgent(["-m", "vit.launch", str(config)], cfg.run_dir, cluster.procs_per_node,
+                     cluster.max_requeues, cluster.crash_loop_limit, cluster.signal_lead_s).run()
+    if code:
+        raise RuntimeError(f"training on node {os.environ.get('SLURM_NODEID')} ended with status {code}; "
+                           f"see {cfg.run_dir}/status.json and the logs in {cfg.run_dir}/slurm")
+
+
+def main(cfg: DictConfig) -> dict | None:
+    """The Hydra task function of `jobs/*.py`: a Slurm node agent, or the training itself."""
+    if cfg.cluster.launcher == "slurm" and "SLURM_JOB_ID" in os.environ and "RANK" not in os.environ:
+        return run_slurm_node(cfg)
+    return run_training(cfg)
+
+
+if __name__ == "__main__":  # a torchrun worker started by the node agent: `python -m vit.launch CONFIG`
+    from omegaconf import OmegaConf
+
+    run_training(OmegaConf.load(sys.argv[1]))

@@ -1,0 +1,73 @@
+"""Throughput, MFU and the metrics file."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+# Dense bf16 peak FLOP/s by device-name fragment (datasheets; torchtitan uses the same figures).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class MetricsLogger:
+    """Rank 0 appends one JSON object per logged step to `<run_dir>/metrics.jsonl` and shows progress.
+
+    The loss is written as a Python float (full fp64 repr of the fp32 value) so runs compare exactly.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool, total_steps: int, start_step: int, flops_per_image: float,
+                 world_size: int, device: torch.device, progress: bool | None = None):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.flops_per_image, self.world_size, self.device = flops_per_image, world_size, device
+        self.peak = peak_flops(device)
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
+        show = sys.stderr.isatty() if progress is None else progress
+        self.bar = None
+        if enabled and show:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.window_start, self.window_images = time.perf_counter(), 0
+        self.last: dict = {}
+
+    def step(self, images: int) -> None:
+        self.window_images += images
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, **values) -> dict:
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        images_per_s = self.window_images / elapsed
+        tflops = images_per_s * self.flops_per_image / self.world_size / 1e12
+        record = {"step": step, **values, "images_per_s": images_per_s, "tflops_per_device": tflops,
+                  "mfu": tflops * 1e12 / self.peak if self.peak else None, "time": time.time()}
+        if self.device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        self.window_start, self.window_images = time.perf_counter(), 0
+        self.last = record
+        if self.enabled:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            text = f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} {images_per_s:.1f} img/s"
+            if record["mfu"] is not None:
+                text += f" mfu {record['mfu']:.1%}"
+            if self.bar is not None:
+                self.bar.set_postfix_str(text)
+            else:
+                print(f"step {step}/{self.total_steps} {text}", flush=True)
+        return record
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()

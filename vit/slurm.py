@@ -1,0 +1,200 @@
+"""What runs on each Slurm node: torchrun for the workers, the stop signal path, and the requeue decision.
+
+One task per node runs `run_node`, whether it was started by submitit (the Hydra launcher) or by
+`srun` in a plain sbatch script (`python -m vit.slurm node ...`). The signal path:
+
+  Slurm --signal=USR2@lead (time limit; preemption with preempt_send_user_signal)
+    -> every process of the step, and this agent, which forwards USR2 to its torchrun group
+    -> torchrun itself ignores USR2 (its elastic agent would die of it; it handles only TERM/INT/HUP/QUIT)
+    -> each worker's handler sets a flag; the ranks all-reduce it at the next step boundary,
+       all save the same step, and exit 0
+    -> the agent on node 0 reads <run_dir>/status.json and requeues the job (`scontrol requeue`),
+       unless the run completed, hit its requeue limit, or is crashing at the same step again and again.
+
+torchrun runs as a child process rather than in-process (`elastic_launch`), so that it can be
+shielded from USR2 and so that a crash of the workers never takes the agent's decision with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+REQUEUE_LOG = "requeues.jsonl"
+
+
+# --- rendezvous ---------------------------------------------------------------------------------
+
+def first_node_address() -> str:
+    """Address of the first host in SLURM_JOB_NODELIST: the c10d rendezvous runs there."""
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    host = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.split()[0]
+    # A node's name need not resolve (several slurmd on one host, or site naming): ask Slurm.
+    info = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True, timeout=60).stdout
+    for field in info.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return host
+
+
+def rendezvous_port(job_id: str) -> int:
+    """Stable across requeues (the job ID is kept) and unlikely to collide between jobs on a node."""
+    return 20000 + int("".join(c for c in job_id if c.isdigit()) or 0) % 20000
+
+
+def torchrun_command(worker: list[str], procs_per_node: int) -> list[str]:
+    job_id = os.environ["SLURM_JOB_ID"]
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={os.environ.get('SLURM_JOB_NUM_NODES', '1')}",
+        f"--nproc-per-node={procs_per_node}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node_address()}:{rendezvous_port(job_id)}",
+        f"--rdzv-id={job_id}", "--max-restarts=0",
+        *worker,
+    ]
+
+
+# --- requeue policy -----------------------------------------------------------------------------
+
+def time_left_s(job_id: str) -> float | None:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=60)
+    text = out.stdout.strip()
+    if out.returncode or not text or text in ("UNLIMITED", "NOT_SET", "INVALID"):
+        return None
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def classify_stop(kind: str | None, seconds_left: float | None, signal_lead_s: float) -> str:
+    """time_limit: the warning came within the lead time of the limit; otherwise a preemption."""
+    if kind == "step_limit":
+        return "step_limit"
+    if seconds_left is not None and seconds_left <= signal_lead_s + 60:
+        return "time_limit"
+    return "preemption" if kind == "usr2" else (kind or "unknown")
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm" / REQUEUE_LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def requeue_decision(status: dict, cause: str | None, history: list[dict], max_requeues: int,
+                     crash_loop_limit: int) -> tuple[bool, str]:
+    """Whether to requeue after the workers ended, and why (the reason is logged and shown to the user)."""
+    state = status.get("state")
+    if state == "completed":
+        return False, "training completed"
+    if status.get("user_error"):
+        return False, f"configuration or data error, fix it and resubmit: {status.get('error')}"
+    if state == "stopped":
+        timeouts = sum(1 for h in history if h.get("cause") == "time_limit")
+        if cause == "time_limit" and timeouts >= max_requeues:
+            return False, f"reached cluster.max_requeues={max_requeues} time-limit requeues; raise it and requeue"
+        return True, f"stopped ({cause}) at step {status.get('step')}"
+    failure = (status.get("step"), status.get("error"))
+    recent = [h for h in history[-(crash_loop_limit - 1):] if h.get("cause") == "failure"] if crash_loop_limit > 1 else []
+    if len(recent) == crash_loop_limit - 1 and all((h.get("step"), h.get("error")) == failure for h in recent):
+        return False, (f"crash loop: the same failure at step {failure[0]} {crash_loop_limit} times in a row "
+                       f"({failure[1]}); not requeueing (cluster.crash_loop_limit={crash_loop_limit})")
+    return True, f"failed at step {failure[0]} ({failure[1]})"
+
+
+# --- the node agent -----------------------------------------------------------------------------
+
+class NodeAgent:
+    def __init__(self, worker: list[str], run_dir: str, procs_per_node: int, max_requeues: int,
+                 crash_loop_limit: int, signal_lead_s: float):
+        self.worker, self.run_dir, self.procs_per_node = worker, Path(run_dir), procs_per_node
+        self.max_requeues, self.crash_loop_limit, self.signal_lead_s = max_requeues, crash_loop_limit, signal_lead_s
+        self.job_id = os.environ["SLURM_JOB_ID"]
+        self.node_id = int(os.environ.get("SLURM_NODEID", 0))
+        self.stop_kind: str | None = None
+        self.stop_cause: str | None = None
+        self.stop_time: float | None = None
+        self.proc: subprocess.Popen | None = None
+
+    def log(self, message: str) -> None:
+        print(f"[vit.slurm job {self.job_id} node {self.node_id}] {message}", flush=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        kind = "usr2" if signum == signal.SIGUSR2 else "term"
+        if self.stop_kind is None:
+            self.stop_kind, self.stop_time = kind, time.monotonic()
+            if self.node_id == 0:  # classify once; squeue is cheap but not free on a busy controller
+                self.stop_cause = classify_stop(kind, time_left_s(self.job_id), self.signal_lead_s)
+            self.log(f"received SIG{'USR2' if kind == 'usr2' else 'TERM'} ({self.stop_cause or kind}); "
+                     "asking the workers to checkpoint and stop")
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGUSR2)  # workers turn USR2 into a coordinated stop
+
+    def run(self) -> int:
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        (self.run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+        if self.node_id == 0:
+            (self.run_dir / "status.json").unlink(missing_ok=True)  # a stale status must not steer the decision
+        cmd = torchrun_command(self.worker, self.procs_per_node)
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        self.log(f"restart {restart}: {shlex.join(cmd)}")
+
+        def shield():  # torchrun's elastic agent would die of USR2; the workers install their own handler
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+        self.proc = subprocess.Popen(cmd, preexec_fn=shield, start_new_session=True)
+        code = self.proc.wait()
+        if self.stop_time is not None:
+            self.log(f"workers exited {code} {time.monotonic() - self.stop_time:.1f}s after the stop signal")
+        if self.node_id != 0:
+            return 0 if code == 0 else 1
+        return self.decide(code)
+
+    def decide(self, code: int) -> int:
+        status_file = self.run_dir / "status.json"
+        status = json.loads(status_file.read_text()) if status_file.exists() else {}
+        if not status or (status.get("state") == "completed" and code != 0):
+            status = {**status, "state": "failed", "error": f"workers exited with code {code} (killed or crashed)"}
+        cause = self.stop_cause or classify_stop(status.get("stop"), None, self.signal_lead_s)
+        requeue, reason = requeue_decision(status, cause if status.get("state") == "stopped" else "failure",
+                                           read_log(self.run_dir), self.max_requeues, self.crash_loop_limit)
+        if requeue:
+            with open(self.run_dir / "slurm" / REQUEUE_LOG, "a") as f:
+                f.write(json.dumps({"time": time.time(), "job_id": self.job_id, "restart": int(
+                    os.environ.get("SLURM_RESTART_COUNT", 0)), "cause": cause if status.get("state") == "stopped"
+                    else "failure", "step": status.get("step"), "error": status.get("error")}) + "\n")
+            self.log(f"requeueing: {reason}")
+            subprocess.run(["scontrol", "requeue", self.job_id], check=True, timeout=120)
+            return 0
+        self.log(f"not requeueing: {reason}")
+        return 0 if status.get("state") == "completed" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vit.slurm", description="Slurm node agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    node = sub.add_parser("node", help="run torchrun on this node, then requeue if the run stopped early")
+    node.add_argument("--run-dir", required=True)
+    node.add_argument("--procs-per-node", type=int, default=1)
+    node.add_argument("--max-requeues", type=int, default=20)
+    node.add_argument("--crash-loop-limit", type=int, default=3)
+    node.add_argument("--signal-lead-s", type=float, default=300)
+    node.add_argument("worker", nargs=argparse.REMAINDER, help="-- the worker script and its arguments")
+    args = parser.parse_args(argv)
+    worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
+    return NodeAgent(worker, args.run_dir, args.procs_per_node, args.max_requeues, args.crash_loop_limit,
+                     args.signal_lead_s).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

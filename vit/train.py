@@ -1,0 +1,175 @@
+"""The pretraining loop, top to bottom: data, model, optimizer, resume, step, log, checkpoint, stop.
+
+Runs the same way as one process, under torchrun on one node, or on many Slurm nodes.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+import vit
+from vit.checkpoint import Checkpointer
+from vit.config import accumulation_steps, total_steps
+from vit.data.loader import DataPosition, build_loader
+from vit.data.sources import DataError, build_source
+from vit.distributed import all_reduce_max, all_reduce_sum, close, init_distributed
+from vit.metrics import MetricsLogger
+from vit.model import build_model, train_flops_per_image
+from vit.optim import build_optimizer, clip_grad_norm_, set_lr, warmup_cosine
+from vit.parallel import resolve_precision, shard_model
+from vit.stop import StopRequest
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float) -> torch.Tensor:
+    """Mean over the micro-batch. Sigmoid: per-class binary cross-entropy summed over classes, as big_vision."""
+    logits = logits.float()
+    if kind == "softmax":
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    targets = F.one_hot(labels, logits.shape[-1]).float()
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list, device: torch.device,
+               loss_kind: str = "softmax", label_smoothing: float = 0.0, grad_clip: float | None = 1.0):
+    """One optimizer step over this rank's micro-batches; returns (sum of sample losses, grad norm)."""
+    loss_sum = torch.zeros((), device=device)
+    for images, labels in micro_batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss = classification_loss(model(images), labels, loss_kind, label_smoothing)
+        # FSDP averages gradients over ranks, so summing loss/accumulation gives the global-batch mean.
+        (loss / len(micro_batches)).backward()
+        loss_sum += loss.detach() * labels.shape[0]
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def train(cfg: DictConfig, progress: dict | None = None) -> dict:
+    """Train to the end or to a stop request; `progress['step']` tracks the step (for crash reports)."""
+    progress = {} if progress is None else progress
+    world = init_distributed(cfg.device)
+    device, main = world.device, world.is_main
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(cfg.train.precision, device)
+
+    # --- data ------------------------------------------------------------------------------------
+    source = build_source(cfg.data, "train", cache_dir=str(run_dir))
+    num_classes = len(source.classes)
+    if cfg.data.num_classes and cfg.data.num_classes != num_classes:
+        raise DataError(f"data.num_classes: the recipe expects {cfg.data.num_classes} classes but {cfg.data.root} "
+                        f"has {num_classes}; fix the dataset or set data.num_classes={num_classes}")
+    steps = total_steps(cfg, len(source))
+    global_batch, micro_batch = cfg.train.global_batch, cfg.train.micro_batch
+    accum = accumulation_steps(global_batch, micro_batch, world.world_size)
+
+    # --- model and optimizer (identical init on every rank and world size: same seed, same device) --
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    with device:
+        model = build_model(cfg.model.name, num_classes, img_size=cfg.data.img_size,
+                            drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing,
+                            sigmoid_head=cfg.train.loss == "sigmoid")
+    shard_model(model, world, precision, compile_blocks=cfg.model.compile)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
+                                fused=device.type == "cuda")
+
+    # --- resume ----------------------------------------------------------------------------------
+    ckpt = Checkpointer(run_dir / "checkpoints", world.rank, keep=cfg.checkpoint.keep,
+                        keep_every=cfg.checkpoint.keep_every, every_steps=cfg.checkpoint.every_steps,
+                        every_minutes=cfg.checkpoint.every_minutes, async_save=cfg.checkpoint.async_save)
+    step, position, bad_samples = 0, DataPosition(), 0
+    resumed = ckpt.load_latest(model, optimizer)
+    if resumed:
+        step, position, bad_samples = resumed["step"], DataPosition(**resumed["data"]), resumed["bad_samples"]
+        if main:
+            print(f"resumed from {resumed['path']} (step {step}, epoch {position.epoch}, "
+                  f"saved on {resumed['world_size']} ranks, now {world.world_size})", flush=True)
+    if step >= steps:
+        if main:
+            print(f"run {run_dir} is already complete ({step}/{steps} steps); nothing to do", flush=True)
+        close()
+        return {"state": "completed", "step": step, "total_steps": steps}
+    if main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        print(f"training {cfg.model.name} on {world.world_size} x {device.type} ({precision}): steps {step}->{steps}, "
+              f"global batch {global_batch} = {micro_batch} x {world.world_size} ranks x {accum} accumulation",
+              flush=True)
+
+    batches = iter(build_loader(source, global_batch=global_batch, micro_batch=micro_batch, rank=world.rank,
+                                world_size=world.world_size, seed=cfg.seed, start=position,
+                                num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"))
+    stop = StopRequest().install()
+    logger = MetricsLogger(str(run_dir), main, steps, step, train_flops_per_image(cfg.model.name, num_classes,
+                           cfg.data.img_size), world.world_size, device, progress=cfg.train.progress)
+
+    def train_state() -> dict:
+        return {"data": {"epoch": position.epoch, "offset": position.offset}, "bad_samples": bad_samples,
+                "total_steps": steps, "world_size": world.world_size, "version": vit.__version__,
+                "config": OmegaConf.to_container(cfg, resolve=True), "classes": source.classes}
+
+    # --- the loop --------------------------------------------------------------------------------
+    model.train()
+    start_step = progress["step"] = step
+    loss_sum = torch.zeros((), device=device)  # stays on device: no host sync until a log step
+    window_steps, window_bad, example_bad, started, stop_kind = 0, 0, "", time.time(), None
+    while step < steps:
+        lr = warmup_cosine(step, cfg.optim.lr, cfg.optim.warmup_steps, steps)
+        set_lr(optimizer, lr)
+        micro_batches = [next(batches) for _ in range(accum)]
+        window_bad += sum(b[2] for b in micro_batches)
+        example_bad = example_bad or next((b[3] for b in micro_batches if b[3]), "")
+        step_loss, grad_norm = train_step(model, optimizer, [(b[0], b[1]) for b in micro_batches], device,
+                                          cfg.train.loss, cfg.train.label_smoothing, cfg.train.grad_clip)
+        loss_sum += step_loss
+        step += 1
+        progress["step"] = step
+        window_steps += 1
+        position.advance(len(source), global_batch)
+        logger.step(global_batch)
+
+        if cfg.train.stop_after_steps and step - start_step >= cfg.train.stop_after_steps:
+            stop.request("step_limit")
+        # One tiny collective per step makes every rank take the same decisions at the same step.
+        stop_code, time_due, saving = all_reduce_max(
+            [StopRequest.code(stop.kind), int(ckpt.time_due()), int(not ckpt.pending_done())], device)
+        stop_kind = StopRequest.kind_of(stop_code)
+        if step % cfg.train.log_every == 0 or step == steps or stop_kind:
+            totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(window_bad), device=device)]))
+            bad_samples += int(totals[1].item())
+            logger.log(step, loss=totals[0].item() / (global_batch * window_steps), lr=lr,
+                       grad_norm=grad_norm.item(), epoch=position.epoch, bad_samples=bad_samples)
+            loss_sum.zero_()
+            window_steps, window_bad = 0, 0
+            if bad_samples > cfg.data.max_bad_fraction * step * global_batch:
+                raise DataError(f"data.max_bad_fraction: {bad_samples} of {step * global_batch} samples were "
+                                f"unreadable (limit {cfg.data.max_bad_fraction:g}), e.g. {example_bad or 'see other ranks'}; "
+                                "repair the dataset or raise data.max_bad_fraction")
+        if ckpt.step_due(step) or time_due or stop_kind or step == steps:
+            ckpt.save(step, model, optimizer, train_state())
+            if stop_kind and main:
+                print(f"stop requested ({stop_kind}): checkpoint at step {step} saved in "
+                      f"{ckpt.last_save_seconds or 0:.1f}s", flush=True)
+        elif ckpt.pending is not None and not saving:
+            ckpt.finish()
+        if stop_kind:
+            break
+    ckpt.finish()
+    logger.close()
+    summary = {"state": "completed" if step >= steps else "stopped", "step": step, "total_steps": steps,
+               "stop": stop_kind, "loss": logger.last.get("loss"), "elapsed_s": time.time() - started}
+    if main:
+        print("summary: " + json.dumps(summary), flush=True)
+    close()
+    return summary
