@@ -11,6 +11,8 @@ import time
 import traceback
 from pathlib import Path
 
+from hydra.core.plugins import Plugins
+from hydra_plugins.vit_slurm_launcher.vit_slurm_launcher import VitSlurmLauncher
 from omegaconf import DictConfig
 
 from vit.checkpoint import CheckpointError
@@ -18,6 +20,10 @@ from vit.config import ConfigError, validate
 from vit.data.sources import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+# Hydra's plugin scan cannot see our `hydra_plugins` namespace package through the import hook of an
+# editable install; importing the launcher registers its config, this registers the class.
+Plugins.instance().register(VitSlurmLauncher)
 
 
 def fail(error: Exception) -> None:

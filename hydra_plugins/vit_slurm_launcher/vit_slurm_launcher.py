@@ -71,13 +71,18 @@ class VitSlurmLauncher(SlurmLauncher):
                                              slurm_max_num_timeout=params.pop("max_num_timeout"))
             params.pop("submitit_folder", None)
             params.pop("array_parallelism", None)
+            # sbatch has no "--flag=False": a false or null extra flag means "leave it out"
+            params["additional_parameters"] = {k: v for k, v in (params.get("additional_parameters") or {}).items()
+                                               if v not in (None, False)}
             executor.update_parameters(**{k if k in _BASE_KEYS else f"slurm_{k}": v for k, v in params.items()})
             job = executor.submit(self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
             jobs.append((job, overrides, cfg))
             _print_submission(job, cfg, folder)
         if wait:
             return [job.results()[0] for job, _, _ in jobs]
-        return [JobReturn(overrides=o, cfg=c, status=JobStatus.UNKNOWN, _return_value=j.job_id) for j, o, c in jobs]
+        # The sweeper reads every return value; here the "result" of a job is its queued submission.
+        return [JobReturn(overrides=o, cfg=c, status=JobStatus.COMPLETED,
+                          _return_value={"job_id": j.job_id, "state": "queued"}) for j, o, c in jobs]
 
 
 _BASE_KEYS = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",

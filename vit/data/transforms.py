@@ -8,12 +8,12 @@ original image size, so the augmentation does not depend on how the image is dec
   DCT (`Image.draft`), the largest reduction that still leaves the crop >= the output size. The
   crop box, sampled on the original size, is mapped onto the reduced image (rounded to its pixel
   grid: under half a reduced pixel, < 0.3% of such a crop's side).
-* Geometry runs on uint8: torch's antialiased uint8 resize (same filter as PIL's, ~4x faster than
-  `Image.resize` here) works directly on the crop of the decoded array.
-* The single uint8 -> float conversion happens on the small output crop; the colour jitter runs in
+* Geometry runs on uint8: PIL crops, torch's antialiased uint8 resize (PIL's filter, ~3x faster
+  than `Image.resize` here) scales.
+* The single uint8 -> float conversion happens on the small output; the colour jitter runs in
   float there with torchvision's float-tensor semantics (each op clamps to the valid range), and
-  the mean/std normalisation is one fused multiply-subtract. Jitter on uint8 (PIL ImageEnhance or
-  torchvision's uint8 path, which converts to float and back per op) costs 3x more.
+  the normalisation is one fused multiply-add. Jitter on uint8 (PIL ImageEnhance, or torchvision's
+  uint8 path, which converts to float and back per op) costs ~3x more.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import math
 import random
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -69,32 +68,38 @@ def draft_factor(crop_w: int, crop_h: int, out_size: int) -> int:
     return next((f for f in _DRAFT_FACTORS if f <= fit), 1)
 
 
-def decode(img: Image.Image, draft_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, float]:
-    """Decode to a uint8 HWC tensor, DCT-reduced towards draft_size; also returns the reduction."""
+def decode(img: Image.Image, draft_size: tuple[int, int] | None = None) -> tuple[Image.Image, float]:
+    """Decode to RGB, DCT-reduced towards draft_size if a JPEG; also returns the reduction (1, 2, 4, 8)."""
     reduction = 1.0
     if draft_size is not None:
         width = img.size[0]
         drafted = img.draft("RGB", draft_size)  # None for non-JPEGs and already-decoded images
         if drafted is not None:
             reduction = width / drafted[1][2]  # drafted box = (0, 0, width / reduction, height / reduction)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return torch.from_numpy(np.array(img)), reduction
+    img.load()
+    return (img if img.mode == "RGB" else img.convert("RGB")), reduction
+
+
+def _rgbx(img: Image.Image) -> torch.Tensor:
+    """uint8 [H, W, 4], the 4th channel padding. PIL stores RGB as 4 bytes a pixel and torch's fast
+    uint8 resize works on 4 channels, so this saves a repacking pass on each side."""
+    width, height = img.size
+    return torch.frombuffer(bytearray(img.tobytes("raw", "RGBX")), dtype=torch.uint8).view(height, width, 4)
 
 
 def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """uint8 HWC (may be a crop view) -> uint8 CHW contiguous, antialiased like PIL."""
-    return F.interpolate(pixels.permute(2, 0, 1).unsqueeze(0), size=size, mode=mode, antialias=True)[0]
+    """uint8 [H, W, 4] -> uint8 [3, *size], antialiased like PIL."""
+    return F.interpolate(pixels.permute(2, 0, 1).unsqueeze(0), size=size, mode=mode, antialias=True)[0, :3]
 
 
 class _Normalize:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         # On the 0..255 scale: (x / 255 - mean) / std == x * scale - offset
-        self.scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
-        self.offset = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / torch.tensor(std).view(3, 1, 1)
+        mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+        self.scale, self.neg_offset = 1.0 / (255.0 * std), -mean / std
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mul_(self.scale).sub_(self.offset)
+        return torch.addcmul(self.neg_offset, x, self.scale)
 
 
 class TrainTransform:
@@ -115,13 +120,11 @@ class TrainTransform:
         rng.shuffle(ops)  # torchvision applies the jitter ops in a random order
 
         factor = draft_factor(w, h, self.size)
-        pixels, r = decode(img, (width // factor, height // factor) if factor > 1 else None)
+        img, r = decode(img, (width // factor, height // factor) if factor > 1 else None)
+        box = (left, top, left + w, top + h)
         if r != 1:
-            top, bottom = round(top / r), min(round((top + h) / r), pixels.shape[0])
-            left, right = round(left / r), min(round((left + w) / r), pixels.shape[1])
-        else:
-            bottom, right = top + h, left + w
-        x = _resize(pixels[top:bottom, left:right], (self.size, self.size), self.interpolation)
+            box = tuple(min(round(c / r), limit) for c, limit in zip(box, img.size * 2))
+        x = _resize(_rgbx(img.crop(box)), (self.size, self.size), self.interpolation)  # PIL crops in C
         if flip:
             x = x.flip(-1)
         x = x.float()
@@ -131,14 +134,16 @@ class TrainTransform:
 
 
 def _jitter(x: torch.Tensor, op: int, f: float) -> None:
-    """One ColorJitter op on a float CHW image in 0..255, in place: blend with black/mean/gray."""
-    if op == 0:  # brightness
+    """One ColorJitter op on a float CHW image in 0..255, in place, as torchvision does it on float
+    tensors: blend with black (brightness), the gray mean (contrast) or the gray image (saturation)."""
+    if op == 0:
         x.mul_(f)
-    elif op == 1:  # contrast
-        x.mul_(f).add_((1 - f) * float(_GRAY @ x.mean((1, 2))))
-    else:  # saturation
-        x.mul_(f).add_(torch.tensordot(_GRAY, x, 1).mul_(1 - f))
-    x.clamp_(0, 255)
+    elif op == 1:
+        x.lerp_(_GRAY @ x.mean((1, 2)), 1 - f)
+    else:
+        x.lerp_(torch.tensordot(_GRAY, x, 1), 1 - f)
+    if f > 1:  # with f <= 1 the blend of in-range values stays in range
+        x.clamp_(0, 255)
 
 
 class EvalTransform:
@@ -154,15 +159,16 @@ class EvalTransform:
         short, long = sorted((width, height))
         long = int(self.resize_to * long / short)  # torchvision's Resize(int) rounding
         new_w, new_h = (self.resize_to, long) if width <= height else (long, self.resize_to)
-        pixels, _ = decode(img, (new_w, new_h))
-        x = _resize(pixels, (new_h, new_w), self.interpolation)
+        img, _ = decode(img, (new_w, new_h))
+        x = _resize(_rgbx(img), (new_h, new_w), self.interpolation)
         top, left = int(round((new_h - self.size) / 2)), int(round((new_w - self.size) / 2))
         return self.normalize(x[:, top:top + self.size, left:left + self.size].float())
 
 
 def build_transform(cfg: Mapping, train: bool):
-    """Transform from data config keys img_size, scale, ratio, hflip, color_jitter (float or [b, c, s]),
-    mean, std, eval_crop_pct, interpolation ('bilinear' | 'bicubic')."""
+    """Transform from data config keys img_size, scale, ratio, hflip (a probability), color_jitter
+    (a number or [brightness, contrast, saturation]), mean, std, eval_crop_pct, interpolation
+    ('bilinear', torchvision's default, or 'bicubic')."""
     common = dict(mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
                   interpolation=cfg.get("interpolation", "bilinear"))
     if common["interpolation"] not in ("bilinear", "bicubic"):

@@ -1,0 +1,371 @@
+"""The ImageNet-21k input pipeline on tiny real-format datasets: transforms, ImageFolder and shard
+sources, the converter, bad files, split and resume determinism through the lead's loader."""
+from __future__ import annotations
+
+import io
+import random
+import subprocess
+import sys
+import tarfile
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from datasets import CLASSES, backdate, jpeg_bytes, make_imagefolder
+from vit.data import imagefolder, transforms
+from vit.data.imagefolder import ImageFolder
+from vit.data.loader import DataPosition, RankBatches, build_loader, epoch_order
+from vit.data.shards import Shards, convert
+from vit.data.sources import DataError, build_source, check_data
+from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, sample_crop
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 16  # output pixels: the tests are about data, not image quality
+
+
+def cfg(fmt: str, root, **extra) -> dict:
+    return {"format": fmt, "root": str(root), "img_size": SIZE, **extra}
+
+
+def jpeg(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.open(io.BytesIO(jpeg_bytes(width, height, seed)))
+
+
+# ---------------------------------------------------------------- transforms
+
+def test_train_transform_shape_dtype_normalisation_and_determinism():
+    plain = build_transform({"img_size": 32, "color_jitter": 0}, train=True)
+    mean_colour = tuple(round(255 * m) for m in IMAGENET_MEAN)
+    x = plain(Image.new("RGB", (50, 40), mean_colour), random.Random(0))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous()
+    assert x.abs().max() < 0.01  # the mean colour normalises to 0
+    white = plain(Image.new("RGB", (50, 40), (255, 255, 255)), random.Random(0))
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(white, expected.view(3, 1, 1).expand(3, 32, 32))
+
+    train = build_transform({"img_size": 32}, train=True)
+    a, b = (train(jpeg(64, 48), random.Random(5)) for _ in range(2))
+    assert torch.equal(a, b)  # all randomness comes from the rng
+    assert not torch.equal(a, train(jpeg(64, 48), random.Random(6)))
+
+
+@pytest.mark.parametrize("op, adjust", enumerate([T.functional.adjust_brightness, T.functional.adjust_contrast,
+                                                  T.functional.adjust_saturation]))
+def test_colour_jitter_ops_match_torchvision(op, adjust):
+    image = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(op))
+    for factor in (0.6, 0.95, 1.4):
+        ours = image * 255
+        transforms._jitter(ours, op, factor)
+        torch.testing.assert_close(ours / 255, adjust(image, factor), atol=1e-5, rtol=0)
+
+
+def test_sample_crop_matches_torchvision():
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    ours = np.array([sample_crop(500, 375, scale, ratio, rng) for _ in range(4000)])
+    theirs = np.array([T.RandomResizedCrop.get_params(torch.empty(1, 375, 500), list(scale), list(ratio))
+                       for _ in range(4000)])
+    for boxes in (ours, theirs):
+        assert (boxes[:, 0] + boxes[:, 2] <= 375).all() and (boxes[:, 1] + boxes[:, 3] <= 500).all()
+    area = lambda b: b[:, 2] * b[:, 3] / (500 * 375)  # noqa: E731
+    assert abs(area(ours).mean() - area(theirs).mean()) < 0.02
+    assert abs(np.log(ours[:, 3] / ours[:, 2]).mean() - np.log(theirs[:, 3] / theirs[:, 2]).mean()) < 0.03
+    # 10 failed attempts on a sliver: both fall back to the same centred crop
+    assert sample_crop(1000, 10, scale, ratio, rng) == tuple(
+        T.RandomResizedCrop.get_params(torch.empty(1, 10, 1000), list(scale), list(ratio)))
+
+
+def test_transforms_match_torchvision_geometry():
+    image = jpeg(70, 50, seed=3)
+    image.load()
+    tv_normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    level = 1 / 255 / min(IMAGENET_STD)  # one grey level, normalised
+    # eval: Resize(36) + CenterCrop(32)
+    ours = build_transform({"img_size": 32, "eval_crop_pct": 0.875}, train=False)(image)  # 32 / 0.875 -> 36
+    theirs = tv_normalize(T.CenterCrop(32)(T.Resize(36)(image)))
+    assert ours.shape == (3, 32, 32) and ours.is_contiguous()
+    assert (ours - theirs).abs().max() <= 2 * level
+    # train with the whole image as the crop, no flip, no jitter: Resize((32, 32))
+    whole = build_transform({"img_size": 32, "scale": (1, 1), "ratio": (70 / 50, 70 / 50), "hflip": 0,
+                             "color_jitter": 0}, train=True)(image, random.Random(0))
+    assert (whole - tv_normalize(T.Resize((32, 32))(image))).abs().max() <= 2 * level
+
+
+def test_draft_decoding_keeps_the_crop_boxes(monkeypatch):
+    """Reduced-size DCT decoding changes how a crop is decoded, never which crop is taken."""
+    data = jpeg_bytes(1280, 960, seed=4)
+    train = build_transform({"img_size": 64}, train=True)
+    boxes, reductions = [], []
+    real_sample, real_decode = transforms.sample_crop, transforms.decode
+
+    def spy_sample(*args):
+        boxes.append(real_sample(*args))
+        return boxes[-1]
+
+    def spy_decode(*args):
+        img, reduction = real_decode(*args)
+        reductions.append(reduction)
+        return img, reduction
+
+    monkeypatch.setattr(transforms, "sample_crop", spy_sample)
+    monkeypatch.setattr(transforms, "decode", spy_decode)
+    run = lambda: [train(Image.open(io.BytesIO(data)), random.Random(seed)) for seed in range(40)]  # noqa: E731
+    drafted = run()
+    drafted_boxes, drafted_reductions = boxes[:], reductions[:]
+    boxes.clear()
+    monkeypatch.setattr(transforms, "draft_factor", lambda *args: 1)
+    full = run()
+
+    assert boxes == drafted_boxes  # same boxes on the original image, so the same scale distribution
+    assert set(drafted_reductions) <= {1, 2, 4, 8} and sum(r > 1 for r in drafted_reductions) >= 20
+    for box, reduction in zip(drafted_boxes, drafted_reductions):
+        assert min(box[2], box[3]) / reduction >= 64  # the reduced crop still has the output resolution
+    diffs = torch.stack([(a - b).abs().mean() for a, b in zip(drafted, full)])
+    assert diffs.max() < 0.06  # < 4 grey levels on average: the same picture
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+def test_imagefolder_index_is_built_once_and_rebuilt_when_a_file_is_added(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "train")
+    backdate(root)
+    scanned = []
+    real_scan = imagefolder._scan_class
+    monkeypatch.setattr(imagefolder, "_scan_class", lambda d: scanned.append(d) or real_scan(d))
+
+    first = ImageFolder(str(root), transform=None)
+    assert len(scanned) == 3 and (root / ".imagefolder-index.npz").exists()
+    assert first.classes == list(CLASSES) and len(first) == 12
+    assert [first.label(i) for i in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
+    again = ImageFolder(str(root), transform=None)
+    assert len(scanned) == 3  # read from the cache, no listing
+    assert [again.relpath(i) for i in range(12)] == [first.relpath(i) for i in range(12)]
+
+    (root / CLASSES[1] / "added.jpg").write_bytes(jpeg_bytes(30, 30, seed=9))
+    grown = ImageFolder(str(root), transform=None)
+    assert len(scanned) == 6 and len(grown) == 13
+    assert f"{CLASSES[1]}/added.jpg" in [grown.relpath(i) for i in range(13)]
+
+
+def test_imagefolder_index_falls_back_to_the_cache_dir(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "train")
+    (root / ".imagefolder-index.npz").mkdir()  # the root refuses the cache file (as a read-only one would)
+    scanned = []
+    real_scan = imagefolder._scan_class
+    monkeypatch.setattr(imagefolder, "_scan_class", lambda d: scanned.append(d) or real_scan(d))
+    for _ in range(2):
+        assert len(ImageFolder(str(root), transform=None, cache_dir=str(tmp_path / "run"))) == 12
+    assert len(scanned) == 3 and len(list((tmp_path / "run").glob("imagefolder-index-*.npz"))) == 1
+
+
+def test_imagefolder_layout_errors(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "ILSVRC2012_val_00000001.JPEG").write_bytes(jpeg_bytes(20, 20, 0))
+    (tmp_path / "bare").mkdir()
+    root = make_imagefolder(tmp_path / "train")
+    (root / "n09999999").mkdir()
+    for path, message in [(tmp_path / "missing", "does not exist"), (tmp_path / "flat", "at the top level"),
+                          (tmp_path / "bare", "no class sub-directories"), (root, "n09999999 has no")]:
+        with pytest.raises(DataError, match=message):
+            ImageFolder(str(path), transform=None)
+
+
+# ---------------------------------------------------------------- shards
+
+def test_converter_writes_shards_that_give_the_imagefolder_samples(tmp_path):
+    root = make_imagefolder(tmp_path / "train")
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, "-m", "vit.data.shards", "convert", str(root), str(out),
+                           "--samples-per-shard", "5", "--workers", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 12 samples of 3 classes in 3 shards" in proc.stdout
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"shard-00000{i}.tar" for i in range(3)]
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert tar.getnames()[0] in ("000000.jpg", "000000.png") and tar.getnames()[1] == "000000.cls"
+
+    train = build_transform({"img_size": SIZE}, train=True)
+    folder, shards = ImageFolder(str(root), train), Shards(str(out), train)
+    assert shards.classes == folder.classes and len(shards) == len(folder)
+    by_bytes = {(root / folder.relpath(i)).read_bytes(): i for i in range(len(folder))}
+    matched = []
+    for j in range(len(shards)):
+        shard = (out / shards.shards[shards._shard(j)]).read_bytes()
+        i = by_bytes[shard[shards.offsets[j]:shards.offsets[j] + shards.sizes[j]]]
+        matched.append(i)
+        image_f, label_f = folder.load(i, random.Random(j))
+        image_s, label_s = shards.load(j, random.Random(j))
+        assert label_f == label_s and torch.equal(image_f, image_s)
+    assert sorted(matched) == list(range(12)) and matched != list(range(12))  # all, shuffled
+
+    with pytest.raises(DataError, match="already holds"):
+        convert(str(root), str(out))
+
+
+# ---------------------------------------------------------------- through the lead's loader
+
+@pytest.fixture(scope="module")
+def real_sources(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    root = make_imagefolder(tmp / "train", per_class=6)  # 18 samples
+    convert(str(root), str(tmp / "shards"), samples_per_shard=7, workers=2)
+    return {fmt: build_source(cfg(fmt, tmp / name), "train") for fmt, name in
+            [("imagefolder", "train"), ("shards", "shards")]}
+
+
+def global_batches(source, world_size: int, start: DataPosition, steps: int, workers: int = 0):
+    """Each step's whole global batch (6 samples = 2 micro-batches of 3), put back together from all ranks."""
+    loaders = [iter(build_loader(source, global_batch=6, micro_batch=3, rank=r, world_size=world_size, seed=7,
+                                 start=start, num_workers=workers)) for r in range(world_size)]
+    out = []
+    for _ in range(steps):
+        per_rank = [[next(loader) for _ in range(2 // world_size)] for loader in loaders]
+        chunks = [per_rank[k % world_size][k // world_size] for k in range(2)]  # chunk k went to rank k % W
+        out.append((torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "shards"])
+def test_ranks_are_disjoint_and_cover_the_epoch(real_sources, fmt):
+    n = len(real_sources[fmt])
+    steps = n // 4  # global batch 4: 16 of the 18 samples per epoch, 2 dropped
+    seen = [[pair for batch in islice(RankBatches(n, 4, 2, rank, 2, 7, DataPosition()), steps) for pair in batch]
+            for rank in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted((0, int(i)) for i in epoch_order(n, 7, 0)[:16])
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "shards"])
+def test_resume_mid_epoch_across_world_sizes_is_bitwise_identical(real_sources, fmt):
+    source = real_sources[fmt]
+    reference = global_batches(source, world_size=1, start=DataPosition(), steps=5)  # crosses an epoch
+    mid = DataPosition()
+    for _ in range(2):
+        mid.advance(len(source), 6)
+    assert (mid.epoch, mid.offset) == (0, 12)
+    runs = {
+        "2 ranks from the start": (global_batches(source, 2, DataPosition(), 5, workers=2), reference),
+        "1 -> 2 ranks": (global_batches(source, 2, mid, 3, workers=2), reference[2:]),
+        "2 -> 1 rank": (global_batches(source, 1, mid, 3, workers=1), reference[2:]),
+    }
+    for name, (got, want) in runs.items():
+        for (images, labels), (ref_images, ref_labels) in zip(got, want, strict=True):
+            assert torch.equal(labels, ref_labels) and torch.equal(images, ref_images), name
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "shards"])
+def test_bad_files_are_skipped_replaced_deterministically_and_counted(tmp_path, fmt):
+    root = make_imagefolder(tmp_path / "train")
+    good = (root / CLASSES[0] / f"{CLASSES[0]}_0.JPEG").read_bytes()
+    (root / CLASSES[0] / "truncated.jpg").write_bytes(good[:len(good) // 2])
+    (root / CLASSES[2] / "garbage.jpg").write_bytes(b"not an image" * 50)
+    if fmt == "shards":
+        convert(str(root), str(tmp_path / "shards"), samples_per_shard=5)
+    source = build_source(cfg(fmt, tmp_path / ("train" if fmt == "imagefolder" else "shards")), "train")
+    n = len(source)
+    assert n == 14
+
+    loadable = []
+    for i in range(n):
+        try:
+            source.load(i, random.Random(0))
+            loadable.append(True)
+        except (OSError, ValueError):
+            loadable.append(False)
+    assert loadable.count(False) == 2
+
+    def one_epoch(workers):
+        loader = build_loader(source, global_batch=n, micro_batch=7, rank=0, world_size=1, seed=3,
+                              start=DataPosition(), num_workers=workers)
+        return list(islice(loader, 2))
+
+    batches = one_epoch(0)
+    images = torch.cat([b[0] for b in batches])
+    order = epoch_order(n, 3, 0).tolist()
+    expected_bad = 0
+    for position, index in enumerate(order):  # a bad sample becomes the next loadable index
+        while not loadable[index]:
+            expected_bad, index = expected_bad + 1, (index + 1) % n
+        assert torch.equal(images[position], images[order.index(index)])
+    assert sum(b[2] for b in batches) == expected_bad >= 2
+    messages = [b[3] for b in batches if b[3]]
+    assert messages and all(str(tmp_path) in m for m in messages)
+
+    again = one_epoch(2)
+    assert torch.equal(torch.cat([b[0] for b in again]), images)
+    assert [b[2] for b in again] == [b[2] for b in batches]
+
+
+# ---------------------------------------------------------------- config: sources, splits, check_data
+
+def test_val_fraction_holds_out_a_stable_disjoint_part(tmp_path):
+    make_imagefolder(tmp_path / "train", per_class=10)
+    config = cfg("imagefolder", tmp_path / "train", val_fraction=0.3)
+    train, val = build_source(config, "train"), build_source(config, "val")
+    train_paths = {train.source.relpath(int(i)) for i in train.indices}
+    val_paths = {val.source.relpath(int(i)) for i in val.indices}
+    assert not train_paths & val_paths and len(train_paths | val_paths) == 30 and 3 <= len(val_paths) <= 15
+    assert np.array_equal(build_source(config, "val").indices, val.indices)
+    image, label = val.load(0, random.Random(0))
+    assert image.shape == (3, SIZE, SIZE) and label == val.source.label(int(val.indices[0]))
+
+
+def test_val_root_is_labelled_with_the_train_classes(tmp_path):
+    make_imagefolder(tmp_path / "train")
+    make_imagefolder(tmp_path / "val", classes=CLASSES[1:], per_class=2, seed=1)
+    val = build_source(cfg("imagefolder", tmp_path / "train", val_root=str(tmp_path / "val")), "val")
+    assert val.classes == list(CLASSES) and [val.label(i) for i in range(len(val))] == [1, 1, 2, 2]
+
+
+def test_synthetic_format():
+    config = {"format": "synthetic", "num_samples": 8, "num_classes": 4, "img_size": SIZE}
+    train, val = build_source(config, "train"), build_source(config, "val")
+    assert len(train) == 8 and len(val) == 256 and val.seed == train.seed + 1
+    check_data(config)
+
+
+def test_check_data_errors_are_one_line_and_name_the_key(tmp_path):
+    root = make_imagefolder(tmp_path / "train")
+    check_data(cfg("imagefolder", root, num_classes=3))
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "n02000000").mkdir()
+    (tmp_path / "val" / "n02000000" / "x.jpg").write_bytes(jpeg_bytes(20, 20, 0))
+    (tmp_path / "no_classes_json").mkdir()
+    (tmp_path / "no_classes_json" / "shard-000000.tar").write_bytes(b"")
+    def expect(config, key, fix):
+        with pytest.raises(DataError) as error:
+            check_data(config)
+        message = str(error.value)
+        assert message.startswith(key) and fix in message and "\n" not in message, message
+
+    expect(cfg("imagefolder", tmp_path / "missing"), "data.root: ", "does not exist")
+    expect(cfg("imagefolder", root, num_classes=21841), "data.num_classes: ", "set data.num_classes: 3")
+    expect(cfg("imagefolder", root, val_root=str(tmp_path / "val")), "data.val_root: ", "data.root lacks")
+    expect(cfg("shards", tmp_path / "no_classes_json"), "data.root: ", "classes.json is missing")
+    expect(cfg("shards", root), "data.root: ", "no .tar shards")
+    expect({"format": "tfrecord"}, "data.format: ", "not one of")
+    expect({"format": "imagefolder", "img_size": SIZE}, "data.root ", "not set")
+    expect(cfg("imagefolder", root, val_fraction=1.5), "data.val_fraction: ", "outside")
+    (root / "n09999999").mkdir()
+    expect(cfg("imagefolder", root), "data.root: ", "n09999999 has no")
+
+
+def test_check_data_does_not_list_the_images(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "train")
+    monkeypatch.setattr(imagefolder, "_scan_class", lambda d: pytest.fail("check_data listed a class"))
+    check_data(cfg("imagefolder", root))
+    assert not (root / ".imagefolder-index.npz").exists()
+
+
+# ---------------------------------------------------------------- benchmark
+
+def test_benchmark_tiny_mode_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/data.py", "--tiny", "--dir", str(tmp_path / "bench")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "img/s per core" in proc.stdout and "ratio ours/torchvision" in proc.stdout
