@@ -19,6 +19,7 @@ setup(
         "pillow",
         "safetensors",
         "tqdm",
+        "matplotlib",  # jobs/status.py --plot
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    extras_require={"dev": ["pytest>=7"], "tensorboard": ["tensorboard"]},  # jobs/status.py --tensorboard
 )

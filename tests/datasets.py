@@ -28,7 +28,7 @@ def make_imagefolder(root: Path, classes=CLASSES, per_class: int = 4, seed: int 
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            data = jpeg_bytes(40 + 4 * i, 56 - 4 * i, seed=seed * 1000 + c * 100 + i)
+            data = jpeg_bytes(40 + 4 * (i % 5), 56 - 4 * (i % 5), seed=seed * 1000 + c * 100 + i)
             if i == per_class - 1:  # a PNG too, with an upper-case extension
                 Image.open(io.BytesIO(data)).save(root / name / f"{name}_{i}.PNG")
             else:

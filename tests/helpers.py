@@ -38,5 +38,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        out[record["step"]] = record["loss"]
+        if "loss" in record:  # evaluation records carry val_top1/val_top5 instead
+            out[record["step"]] = record["loss"]
     return out

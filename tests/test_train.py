@@ -89,6 +89,9 @@ def test_smoke_command_runs_end_to_end(tmp_path):
     assert "summary:" in proc.stdout and '"state": "completed"' in proc.stdout
     curve = losses(tmp_path / "runs/smoke")
     assert max(curve) == 120 and curve[120] < 0.5 * curve[10]
+    evals = [json.loads(line) for line in (tmp_path / "runs/smoke/metrics.jsonl").read_text().splitlines()
+             if "val_top1" in line]
+    assert [e["step"] for e in evals] == [60, 120] and evals[-1]["val_top1"] > 0.5  # 10 classes: chance is 0.1
     assert (tmp_path / "runs/smoke/checkpoints/step-120/COMPLETE").exists()
     again = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "experiment=smoke"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
@@ -98,6 +101,9 @@ def test_smoke_command_runs_end_to_end(tmp_path):
 def test_metrics_file_has_one_record_per_logged_step(tmp_path):
     run_job(tmp_path, "train.steps=4", "train.log_every=2")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_top1" in r]
+    records = [r for r in records if "loss" in r]
     assert [r["step"] for r in records] == [2, 4]
+    assert [r["step"] for r in evals] == [4] and 0 <= evals[0]["val_top1"] <= evals[0]["val_top5"] <= 1
     assert {"step", "loss", "lr", "grad_norm", "images_per_s", "tflops_per_device", "mfu"} <= set(records[0])
     assert len(repr(records[0]["loss"])) > 10  # full precision, not a rounded display value

@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from vit.distributed import barrier
+
 COMPLETE = "COMPLETE"
 TRAIN_STATE = "train_state.json"
 
@@ -164,8 +166,9 @@ class Checkpointer:
     """Saves and restores the model, optimizer and train state of every rank. All methods are collective."""
 
     def __init__(self, root: str | os.PathLike, rank: int, *, keep: int = 3, keep_every: int | None = None,
-                 every_steps: int | None = None, every_minutes: float | None = None, async_save: bool = False):
-        self.root, self.rank = Path(root), rank
+                 every_steps: int | None = None, every_minutes: float | None = None, async_save: bool = False,
+                 journal=None):
+        self.root, self.rank, self.journal = Path(root), rank, journal
         self.keep, self.keep_every = max(keep, 2), keep_every
         self.every_steps, self.every_minutes, self.async_save = every_steps, every_minutes, async_save
         self.last_save_time = time.monotonic()
@@ -190,11 +193,12 @@ class Checkpointer:
         self.finish()
         path = self.root / f"step-{step}"
         started = time.monotonic()
+        self._journal("checkpoint_begin", step, path=str(path), async_save=self.async_save)
         if self.rank == 0:
             if path.exists():  # left by a save that was killed; never valid, safe to replace
                 shutil.rmtree(path)
             (path / "rng").mkdir(parents=True)
-        _barrier()
+        barrier()
         (path / "rng" / f"rank-{self.rank}.json").write_text(json.dumps(rng_state()))
         if self.rank == 0:
             (path / TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}))
@@ -226,7 +230,7 @@ class Checkpointer:
         self._commit(pending.step, pending.path, pending.started)
 
     def _abandon(self, path: Path, error: Exception) -> None:
-        _barrier()
+        barrier()
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
         previous = valid_checkpoints(self.root, warn=False)
@@ -234,14 +238,20 @@ class Checkpointer:
         raise CheckpointError(f"saving {path} failed ({_root_cause(error)}); {keep}") from error
 
     def _commit(self, step: int, path: Path, started: float) -> None:
-        _barrier()  # every rank's shards are written and synced
+        barrier()  # every rank's shards are written and synced
         if self.rank == 0:
             _write_atomic(path / COMPLETE, f"{time.time()}\n")
             _write_atomic(self.root / "latest", path.name + "\n")
             self._apply_retention(path)
-        _barrier()
+        barrier()
         self.last_save_time = time.monotonic()
         self.last_save_seconds = time.monotonic() - started
+        self._journal("checkpoint_commit", step, path=str(path), seconds=self.last_save_seconds,
+                      bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if self.rank == 0 else None)
+
+    def _journal(self, event: str, step: int, **fields) -> None:
+        if self.journal is not None and self.rank == 0:
+            self.journal.write(event, step, **fields)
 
     def _apply_retention(self, newest: Path) -> None:
         valid = valid_checkpoints(self.root, warn=False)
@@ -284,11 +294,6 @@ def _root_cause(e: BaseException) -> str:
     if "No space left" in str(e) or "No space left" in text:
         return "disk full: No space left on device"
     return text.strip().splitlines()[-1][:300] if text.strip() else type(e).__name__
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _broadcast(obj):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from vit.checkpoint import CheckpointError
 from vit.config import ConfigError, validate
 from vit.data.sources import DataError
+from vit.journal import Journal
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -57,9 +59,14 @@ def run_training(cfg: DictConfig) -> dict:
         if rank == 0:
             last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
             where = f"{last.filename}:{last.lineno}" if last else "?"
-            write_status(cfg.run_dir, state="failed", error=f"{type(e).__name__}: {e}"[:500], where=where,
-                         step=progress.get("step"))
+            error = f"{type(e).__name__}: {e}"[:500]
+            write_status(cfg.run_dir, state="failed", error=error, where=where, step=progress.get("step"))
+            Journal(cfg.run_dir).write("crash", progress.get("step"), error=error, where=where)
         raise
+    finally:
+        # Python restores default handlers while it shuts down, and USR2's default is to die: a stop
+        # signal that arrives after the final save must not turn a finished rank into a crashed one.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     if rank == 0:
         write_status(cfg.run_dir, **summary)
     return summary
@@ -85,7 +92,11 @@ def run_slurm_node(cfg: DictConfig) -> None:
 
 
 def main(cfg: DictConfig) -> dict | None:
-    """The Hydra task function of `jobs/*.py`: a Slurm node agent, or the training itself."""
+    """The Hydra task function of `jobs/*.py`: the plan, a Slurm node agent, or the training itself."""
+    if cfg.get("plan"):
+        from vit.plan import format_plan, plan
+        print(format_plan(plan(cfg)))
+        return None
     if cfg.cluster.launcher == "slurm" and "SLURM_JOB_ID" in os.environ and "RANK" not in os.environ:
         return run_slurm_node(cfg)
     return run_training(cfg)

@@ -66,6 +66,14 @@ class MetricsLogger:
                 print(f"step {step}/{self.total_steps} {text}", flush=True)
         return record
 
+    def write(self, record: dict) -> None:
+        """An extra record (e.g. evaluation) in the metrics file and on the console."""
+        if self.enabled:
+            self.file.write(json.dumps({**record, "time": time.time()}) + "\n")
+            self.file.flush()
+            text = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+            (self.bar.write if self.bar is not None else print)(text)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

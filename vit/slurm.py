@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from vit.journal import Journal
+
 
 REQUEUE_LOG = "requeues.jsonl"
 
@@ -124,6 +126,7 @@ class NodeAgent:
         self.stop_cause: str | None = None
         self.stop_time: float | None = None
         self.proc: subprocess.Popen | None = None
+        self.journal = Journal(run_dir)
 
     def log(self, message: str) -> None:
         print(f"[vit.slurm job {self.job_id} node {self.node_id}] {message}", flush=True)
@@ -148,6 +151,9 @@ class NodeAgent:
         cmd = torchrun_command(self.worker, self.procs_per_node)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         self.log(f"restart {restart}: {shlex.join(cmd)}")
+        if self.node_id == 0:
+            self.journal.write("job_start", None, procs_per_node=self.procs_per_node,
+                               num_nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)))
 
         def shield():  # torchrun's elastic agent would die of USR2; the workers install their own handler
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
@@ -155,16 +161,24 @@ class NodeAgent:
         self.proc = subprocess.Popen(cmd, preexec_fn=shield, start_new_session=True)
         code = self.proc.wait()
         if self.stop_time is not None:
-            self.log(f"workers exited {code} {time.monotonic() - self.stop_time:.1f}s after the stop signal")
+            self.log(f"workers exited {code} {self._stop_seconds():.1f}s after the stop signal")
         if self.node_id != 0:
             return 0 if code == 0 else 1
         return self.decide(code)
 
+    def _stop_seconds(self) -> float | None:
+        return None if self.stop_time is None else time.monotonic() - self.stop_time
+
     def decide(self, code: int) -> int:
         status_file = self.run_dir / "status.json"
         status = json.loads(status_file.read_text()) if status_file.exists() else {}
-        if not status or (status.get("state") == "completed" and code != 0):
-            status = {**status, "state": "failed", "error": f"workers exited with code {code} (killed or crashed)"}
+        if code != 0:
+            self.log(f"workers exited with code {code}")
+        # "completed" is written only after the final checkpoint is committed on every rank, so it
+        # stands even if a process then died on its way out.
+        if not status or (code != 0 and status.get("state") != "completed"):
+            status = {**status, "state": "failed", "error": status.get("error")
+                      or f"workers exited with code {code} (killed or crashed)"}
         cause = self.stop_cause or classify_stop(status.get("stop"), None, self.signal_lead_s)
         requeue, reason = requeue_decision(status, cause if status.get("state") == "stopped" else "failure",
                                            read_log(self.run_dir), self.max_requeues, self.crash_loop_limit)
@@ -174,9 +188,12 @@ class NodeAgent:
                     os.environ.get("SLURM_RESTART_COUNT", 0)), "cause": cause if status.get("state") == "stopped"
                     else "failure", "step": status.get("step"), "error": status.get("error")}) + "\n")
             self.log(f"requeueing: {reason}")
+            self.journal.write("requeue", status.get("step"), cause=cause if status.get("state") == "stopped"
+                               else "failure", reason=reason, stop_seconds=self._stop_seconds())
             subprocess.run(["scontrol", "requeue", self.job_id], check=True, timeout=120)
             return 0
         self.log(f"not requeueing: {reason}")
+        self.journal.write("agent_exit", status.get("step"), state=status.get("state"), reason=reason)
         return 0 if status.get("state") == "completed" else 1
 
 

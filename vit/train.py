@@ -5,6 +5,7 @@ Runs the same way as one process, under torchrun on one node, or on many Slurm n
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -17,14 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 import vit
 from vit.checkpoint import Checkpointer
 from vit.config import accumulation_steps, total_steps
-from vit.data.loader import DataPosition, build_loader
+from vit.data.loader import DataPosition, SeededSamples, build_loader, collate_samples
 from vit.data.sources import DataError, build_source
-from vit.distributed import all_reduce_max, all_reduce_sum, close, init_distributed
+from vit.distributed import World, all_reduce_max, all_reduce_sum, barrier, close, init_distributed
+from vit.journal import Journal
 from vit.metrics import MetricsLogger
 from vit.model import build_model, train_flops_per_image
 from vit.optim import build_optimizer, clip_grad_norm_, set_lr, warmup_cosine
 from vit.parallel import resolve_precision, shard_model
 from vit.stop import StopRequest
+
+PROCESS_START = time.time()  # close enough to the interpreter's start: this module is imported first
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float) -> torch.Tensor:
@@ -54,6 +58,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     return loss_sum, grad_norm
 
 
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, source, world: World, batch: int, num_workers: int) -> dict:
+    """Top-1/top-5 over the whole val split. Every rank runs the same number of batches (FSDP's
+    all-gathers are collectives), so the last batches are padded and the padding is masked out."""
+    per_rank = -(-len(source) // world.world_size)
+    indices = list(range(world.rank, len(source), world.world_size))
+    keep = torch.tensor([1] * len(indices) + [0] * (per_rank - len(indices)), dtype=torch.bool)
+    indices += [0] * (per_rank - len(indices))
+    loader = torch.utils.data.DataLoader(SeededSamples(source, seed=0), num_workers=num_workers,
+                                         batch_sampler=[[(0, i) for i in indices[j:j + batch]]
+                                                        for j in range(0, per_rank, batch)],
+                                         collate_fn=collate_samples)
+    counts = torch.zeros(3, device=world.device)  # top-1 hits, top-5 hits, samples
+    model.eval()
+    for j, (images, labels, _, _) in enumerate(loader):
+        mask = keep[j * batch: j * batch + len(labels)].to(world.device)
+        top5 = model(images.to(world.device)).topk(min(5, model.num_classes), dim=-1).indices
+        hits = top5 == labels.to(world.device)[:, None]
+        counts += torch.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum()]).float()
+    model.train()
+    counts = all_reduce_sum(counts)
+    return {"val_top1": (counts[0] / counts[2]).item(), "val_top5": (counts[1] / counts[2]).item()}
+
+
 def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     """Train to the end or to a stop request; `progress['step']` tracks the step (for crash reports)."""
     progress = {} if progress is None else progress
@@ -64,11 +92,14 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     precision = resolve_precision(cfg.train.precision, device)
 
     # --- data ------------------------------------------------------------------------------------
+    # The first start indexes the dataset: one process per node walks it, the others reuse its cache.
+    if world.local_rank != 0:
+        barrier()
     source = build_source(cfg.data, "train", cache_dir=str(run_dir))
+    val_source = build_source(cfg.data, "val", cache_dir=str(run_dir)) if cfg.train.eval_every else None
+    if world.local_rank == 0:
+        barrier()
     num_classes = len(source.classes)
-    if cfg.data.num_classes and cfg.data.num_classes != num_classes:
-        raise DataError(f"data.num_classes: the recipe expects {cfg.data.num_classes} classes but {cfg.data.root} "
-                        f"has {num_classes}; fix the dataset or set data.num_classes={num_classes}")
     steps = total_steps(cfg, len(source))
     global_batch, micro_batch = cfg.train.global_batch, cfg.train.micro_batch
     accum = accumulation_steps(global_batch, micro_batch, world.world_size)
@@ -86,13 +117,17 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                                 fused=device.type == "cuda")
 
     # --- resume ----------------------------------------------------------------------------------
+    journal = Journal(run_dir, enabled=main)
     ckpt = Checkpointer(run_dir / "checkpoints", world.rank, keep=cfg.checkpoint.keep,
                         keep_every=cfg.checkpoint.keep_every, every_steps=cfg.checkpoint.every_steps,
-                        every_minutes=cfg.checkpoint.every_minutes, async_save=cfg.checkpoint.async_save)
+                        every_minutes=cfg.checkpoint.every_minutes, async_save=cfg.checkpoint.async_save,
+                        journal=journal)
     step, position, bad_samples = 0, DataPosition(), 0
     resumed = ckpt.load_latest(model, optimizer)
     if resumed:
         step, position, bad_samples = resumed["step"], DataPosition(**resumed["data"]), resumed["bad_samples"]
+        journal.write("resume", step, checkpoint=resumed["path"], saved_world_size=resumed["world_size"],
+                      world_size=world.world_size)
         if main:
             print(f"resumed from {resumed['path']} (step {step}, epoch {position.epoch}, "
                   f"saved on {resumed['world_size']} ranks, now {world.world_size})", flush=True)
@@ -101,6 +136,10 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
             print(f"run {run_dir} is already complete ({step}/{steps} steps); nothing to do", flush=True)
         close()
         return {"state": "completed", "step": step, "total_steps": steps}
+    journal.write("train_start", step, total_steps=steps, world_size=world.world_size, device=str(device),
+                  global_batch=global_batch, flops_per_image=train_flops_per_image(cfg.model.name, num_classes,
+                                                                                   cfg.data.img_size),
+                  startup_s=time.time() - PROCESS_START)
     if main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         print(f"training {cfg.model.name} on {world.world_size} x {device.type} ({precision}): steps {step}->{steps}, "
@@ -148,14 +187,21 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         if step % cfg.train.log_every == 0 or step == steps or stop_kind:
             totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(window_bad), device=device)]))
             bad_samples += int(totals[1].item())
-            logger.log(step, loss=totals[0].item() / (global_batch * window_steps), lr=lr,
-                       grad_norm=grad_norm.item(), epoch=position.epoch, bad_samples=bad_samples)
+            mean_loss = totals[0].item() / (global_batch * window_steps)
+            record = logger.log(step, loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), epoch=position.epoch,
+                                bad_samples=bad_samples)
+            journal.write("metrics", step, **{k: record[k] for k in ("loss", "lr", "grad_norm", "images_per_s",
+                                                                     "mfu", "epoch", "bad_samples")})
+            if not math.isfinite(mean_loss):  # diverged: saving it would only poison the checkpoints
+                raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower optim.lr or check the data")
             loss_sum.zero_()
             window_steps, window_bad = 0, 0
             if bad_samples > cfg.data.max_bad_fraction * step * global_batch:
                 raise DataError(f"data.max_bad_fraction: {bad_samples} of {step * global_batch} samples were "
                                 f"unreadable (limit {cfg.data.max_bad_fraction:g}), e.g. {example_bad or 'see other ranks'}; "
                                 "repair the dataset or raise data.max_bad_fraction")
+        if stop_kind:
+            journal.write("stop_signal", step, kind=stop_kind)
         if ckpt.step_due(step) or time_due or stop_kind or step == steps:
             ckpt.save(step, model, optimizer, train_state())
             if stop_kind and main:
@@ -163,6 +209,11 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                       f"{ckpt.last_save_seconds or 0:.1f}s", flush=True)
         elif ckpt.pending is not None and not saving:
             ckpt.finish()
+        if val_source is not None and (step % cfg.train.eval_every == 0 or step == steps):
+            accuracy = evaluate(model, val_source, world, micro_batch, cfg.data.num_workers)
+            if main:
+                logger.write({"step": step, **accuracy})
+                journal.write("evaluation", step, **accuracy)
         if stop_kind:
             break
     ckpt.finish()
@@ -171,5 +222,6 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                "stop": stop_kind, "loss": logger.last.get("loss"), "elapsed_s": time.time() - started}
     if main:
         print("summary: " + json.dumps(summary), flush=True)
+    journal.write("exit", step, **{k: v for k, v in summary.items() if k != "step"})
     close()
     return summary

@@ -50,16 +50,20 @@ class VitSlurmLauncher(SlurmLauncher):
         import submitit
 
         from vit.config import validate
+        from vit.journal import Journal
         from vit.launch import USER_ERRORS, fail
 
-        points = []
-        for overrides in job_overrides:
-            overrides, cfg = self._sweep_point(list(overrides), many=len(job_overrides) > 1)
+        points = [self._sweep_point(list(o), many=len(job_overrides) > 1) for o in job_overrides]
+        if any(cfg.get("plan") for _, cfg in points):  # plan=true: print what it would cost, submit nothing
+            from vit.plan import format_plan, plan
+            for overrides, cfg in points:
+                print(f"# {' '.join(filter_overrides(overrides)) or cfg.name}\n{format_plan(plan(cfg))}")
+            return [JobReturn(overrides=o, cfg=c, status=JobStatus.COMPLETED, _return_value=None) for o, c in points]
+        for _, cfg in points:
             try:
                 validate(cfg, world_size=cfg.cluster.nodes * cfg.cluster.procs_per_node)
             except USER_ERRORS as e:
                 fail(e)  # before anything is queued
-            points.append((overrides, cfg))
 
         jobs = []
         for idx, (overrides, cfg) in enumerate(points, start=initial_job_idx):
@@ -77,6 +81,9 @@ class VitSlurmLauncher(SlurmLauncher):
             executor.update_parameters(**{k if k in _BASE_KEYS else f"slurm_{k}": v for k, v in params.items()})
             job = executor.submit(self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
             jobs.append((job, overrides, cfg))
+            Journal(cfg.run_dir).write("submit", job_id=job.job_id, restart=None, nodes=None,
+                                       num_nodes=cfg.cluster.nodes, procs_per_node=cfg.cluster.procs_per_node,
+                                       time_limit_min=cfg.cluster.time_min, overrides=list(overrides))
             _print_submission(job, cfg, folder)
         if wait:
             return [job.results()[0] for job, _, _ in jobs]

@@ -108,7 +108,7 @@ class SeededSamples(Dataset):
         raise RuntimeError(f"{self.max_retries} consecutive unreadable samples from index {index}: {first_bad}")
 
 
-def _collate(items):
+def collate_samples(items):
     images, labels, bad, first_bad = zip(*items)
     return (torch.stack(images), torch.tensor(labels, dtype=torch.long), sum(bad),
             next((b for b in first_bad if b), ""))
@@ -127,7 +127,7 @@ def build_loader(source: Source, *, global_batch: int, micro_batch: int, rank: i
     batches = RankBatches(len(source), global_batch, micro_batch, rank, world_size, seed, start)
     generator = torch.Generator().manual_seed(seed * 1000003 + rank)
     return DataLoader(
-        SeededSamples(source, seed), batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+        SeededSamples(source, seed), batch_sampler=batches, num_workers=num_workers, collate_fn=collate_samples,
         pin_memory=pin_memory, worker_init_fn=_seed_worker if num_workers else None, generator=generator,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False,
     )

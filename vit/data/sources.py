@@ -71,7 +71,8 @@ def build_source(data_cfg: Mapping, split: str, cache_dir: str | None = None) ->
         num_classes, img_size, seed = data_cfg["num_classes"], data_cfg["img_size"], data_cfg.get("seed", 0)
         if split == "train":
             return SyntheticImages(data_cfg["num_samples"], num_classes, img_size, seed)
-        return SyntheticImages(data_cfg.get("val_samples", 256), num_classes, img_size, seed + 1)
+        return SyntheticImages(data_cfg.get("val_samples", 256), num_classes, img_size, seed,
+                               first_index=data_cfg["num_samples"])
 
     root, val_root, fraction = _require(data_cfg, "root"), data_cfg.get("val_root"), _val_fraction(data_cfg)
     transform = build_transform(data_cfg, train=split == "train")
@@ -88,7 +89,8 @@ def build_source(data_cfg: Mapping, split: str, cache_dir: str | None = None) ->
 
 
 def check_data(data_cfg: Mapping) -> None:
-    """Fast sanity check for the login node: paths, layout, class count. Never lists the images."""
+    """Fast sanity check for the login node: paths, layout, class count. Reads each class directory
+    only up to its first image, never the full listing."""
     fmt = _format(data_cfg)
     if fmt == "synthetic":
         for key in ("num_samples", "num_classes", "img_size"):

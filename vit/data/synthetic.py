@@ -11,13 +11,16 @@ import torch
 
 
 class SyntheticImages:
-    def __init__(self, num_samples: int, num_classes: int, img_size: int, seed: int = 0):
+    """`first_index` offsets the samples: a val split is the same classes with other samples."""
+
+    def __init__(self, num_samples: int, num_classes: int, img_size: int, seed: int = 0, first_index: int = 0):
         self.num_samples, self.img_size, self.seed = num_samples, img_size, seed
         self.classes = [f"class_{i:05d}" for i in range(num_classes)]
         g = torch.Generator().manual_seed(seed)
         self.class_colour = torch.rand(num_classes, 3, 1, 1, generator=g) * 2 - 1
         self.class_freq = torch.randint(1, 6, (num_classes,), generator=g)
-        self.labels = torch.randint(0, num_classes, (num_samples,), generator=g).tolist()
+        labels = torch.randint(0, num_classes, (first_index + num_samples,), generator=g)
+        self.labels = labels[first_index:].tolist()
 
     def __len__(self) -> int:
         return self.num_samples

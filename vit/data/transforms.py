@@ -11,9 +11,9 @@ original image size, so the augmentation does not depend on how the image is dec
 * Geometry runs on uint8: PIL crops, torch's antialiased uint8 resize (PIL's filter, ~3x faster
   than `Image.resize` here) scales.
 * The single uint8 -> float conversion happens on the small output; the colour jitter runs in
-  float there with torchvision's float-tensor semantics (each op clamps to the valid range), and
-  the normalisation is one fused multiply-add. Jitter on uint8 (PIL ImageEnhance, or torchvision's
-  uint8 path, which converts to float and back per op) costs ~3x more.
+  float there with torchvision's float-tensor semantics (each op clamps to the valid range), then
+  the normalisation, all in place. Jitter on uint8 (PIL ImageEnhance, or torchvision's uint8
+  path, which converts to float and back per op) costs ~3x more.
 """
 from __future__ import annotations
 
@@ -96,10 +96,10 @@ class _Normalize:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         # On the 0..255 scale: (x / 255 - mean) / std == x * scale - offset
         mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-        self.scale, self.neg_offset = 1.0 / (255.0 * std), -mean / std
+        self.scale, self.offset = 1.0 / (255.0 * std), mean / std
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.neg_offset, x, self.scale)
+        return x.mul_(self.scale).sub_(self.offset)  # in place: 6x faster than a broadcast addcmul
 
 
 class TrainTransform:

@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end in their `--tiny` mode and print their tables.
+
+Smoke tests only: no timing is asserted (this machine's speed is not the code's property).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, timeout: float = 120) -> str:
+    # CPU everywhere, and a group of one even when the tests themselves run under torchrun.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{script} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_train_step_tiny(tmp_path):
+    out = run("train_step.py", "--out", str(tmp_path / "step.md"))
+    assert "command: `python " in out and "train_step.py --tiny --out" in out
+    assert "| model | row | impl | batch | step ms | best ms | img/s | TFLOP/s | MFU | peak mem GB | ours/timm img/s |" in out
+    assert "| vit_tiny_patch16 | base | ours | 2 |" in out and "| vit_tiny_patch16 | base | timm | 2 |" in out
+    assert "ratio ours/timm (img/s) vit_tiny_patch16 base batch 2:" in out
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"ours", "timm"} and all(r["status"] == "ok" for r in rows)
+    assert "ratio" in next(r for r in rows if r["impl"] == "ours")
+    assert "| vit_tiny_patch16 | base | ours |" in (tmp_path / "step.md").read_text()
+
+
+def test_checkpoint_tiny(tmp_path):
+    work = tmp_path / "disk"
+    work.mkdir()
+    out = run("checkpoint.py", "--dir", str(work), "--out", str(tmp_path / "ckpt.md"))
+    for text in ("disk sequential write", "disk sequential read", "Checkpointer.save", "Checkpointer.load_latest",
+                 "of the disk's write speed", "async save: loop blocked"):
+        assert text in out
+    res = json.loads((tmp_path / "ckpt.json").read_text())
+    assert res["save_gbs"] > 0 and res["load_gbs"] > 0 and res["async_blocked_fraction"] > 0
+    assert list(work.iterdir()) == []  # everything it wrote is gone

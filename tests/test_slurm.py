@@ -1,0 +1,199 @@
+"""Launch, stop, requeue and resume on a real two-node Slurm cluster (dev/minicluster.sh).
+
+Every job here is submitted exactly as a user would: `python jobs/pretrain.py -m cluster=minicluster`.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, losses
+from slurm_cluster import dump_logs, ensure_cluster, wait_job
+
+from vit.status import summarize
+
+TINY_SLURM = ["cluster=minicluster", "experiment=smoke", "data.img_size=32", "data.num_samples=512",
+              "train.log_every=1", "train.progress=false", "checkpoint.every_steps=10"]
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    if not (os.environ.get("CI") == "true" or Path("/usr/sbin/slurmctld").exists()):
+        pytest.skip("Slurm is not installed (CI installs it and never skips)")
+    return ensure_cluster()
+
+
+def submit(env, run_dir: Path, *overrides: str) -> int:
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *TINY_SLURM, f"run_dir={run_dir}", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = re.search(r"submitted job (\d+)", proc.stdout)
+    assert match and f"run dir : {run_dir}" in proc.stdout, proc.stdout
+    return int(match.group(1))
+
+
+def logs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "slurm").glob("*_log.*"))
+
+
+def log_text(run_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in logs(run_dir))
+
+
+def finish(env, job: int, run_dir: Path, timeout: float = 420) -> dict:
+    """Wait for the job to end for good (releasing requeue holds) and check it completed."""
+    state = wait_job(job, env, timeout=timeout, log_files=logs(run_dir))
+    assert state["JobState"] == "COMPLETED", f"{state}\n{dump_logs(env, logs(run_dir))}"
+    return state
+
+
+def wait_for_step(run_dir: Path, step: int, env, job: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} never reached step {step}\n{dump_logs(env, logs(run_dir))}")
+
+
+def requeue_causes(run_dir: Path) -> list[str]:
+    path = run_dir / "slurm" / "requeues.jsonl"
+    return [json.loads(line)["cause"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_env, tmp_path_factory):
+    """An uninterrupted two-node run of 60 steps: the multi-node test and the baseline of the others."""
+    run_dir = tmp_path_factory.mktemp("slurm") / "reference"
+    job = submit(slurm_env, run_dir, "train.steps=60")
+    state = finish(slurm_env, job, run_dir)
+    return run_dir, state
+
+
+def test_two_node_job_trains_to_the_end_like_a_local_run(reference, tmp_path):
+    run_dir, state = reference
+    assert state["NumNodes"] == "2" and state["Restarts"] == "0"
+    text = log_text(run_dir)
+    assert "--nnodes=2" in text and "2 ranks x 1 accumulation" in text
+    assert "not requeueing: training completed" in text
+    slurm_losses = losses(run_dir)
+    assert max(slurm_losses) == 60
+    local = tmp_path / "local"  # the same run in one process: 32 x 1 rank x 2 accumulation = 64
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", *TINY_SLURM[1:], "train.steps=60", f"run_dir={local}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "1 ranks x 2 accumulation" in proc.stdout, proc.stderr[-3000:]
+    local_losses = losses(local)
+    assert list(local_losses) == list(slurm_losses)
+    for step in slurm_losses:
+        assert slurm_losses[step] == pytest.approx(local_losses[step], rel=1e-4, abs=1e-5), step
+
+
+def test_usr2_checkpoints_requeues_and_resumes_bitwise(slurm_env, reference, tmp_path):
+    run_dir = tmp_path / "signal"
+    job = submit(slurm_env, run_dir, "train.steps=60")
+    wait_for_step(run_dir, 15, slurm_env, job)
+    subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
+    state = finish(slurm_env, job, run_dir)
+    assert state["Restarts"] == "1", state
+    text = log_text(run_dir)
+    stopped = re.findall(r"stop requested \(usr2\): checkpoint at step (\d+)", text)
+    assert len(stopped) == 1, text[-3000:]
+    saved = int(stopped[0])
+    assert f"resumed from {run_dir}/checkpoints/step-{saved}" in text
+    assert text.count("asking the workers to checkpoint and stop") == 2  # the agent of each node
+    assert re.search(r"workers exited 0 [\d.]+s after the stop signal", text)
+    assert requeue_causes(run_dir) == ["preemption"]  # a signal far from the time limit
+    assert losses(run_dir) == losses(reference[0])  # bitwise, every step
+    status = summarize(run_dir, slurm=False)  # the journal tells the same story
+    assert status["restarts"] == 1 and status["restart_causes"] == {"preemption": 1}, status
+    assert status["step"] == status["total_steps"] == 60 and 0 < status["goodput"] < 1, status
+
+
+def test_real_time_limit_is_saved_requeued_and_resumed(slurm_env, tmp_path):
+    run_dir = tmp_path / "timelimit"
+    # A 1-minute limit with USR2 30 s before it: Slurm itself signals the job well before the end.
+    job = submit(slurm_env, run_dir, "train.steps=150", "cluster.time_min=1", "cluster.signal_lead_s=30",
+                 "checkpoint.every_steps=100")
+    deadline = time.monotonic() + 300
+    while not requeue_causes(run_dir) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert requeue_causes(run_dir) == ["time_limit"], dump_logs(slurm_env, logs(run_dir))
+    # Once the mechanism is proven, give the rest of the run room so the test ends soon.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=slurm_env, check=True, timeout=60)
+    state = finish(slurm_env, job, run_dir)
+    assert int(state["Restarts"]) >= 1, state
+    assert max(losses(run_dir)) == 150
+    assert set(requeue_causes(run_dir)) == {"time_limit"}
+    text = log_text(run_dir)
+    assert "received SIGUSR2 (time_limit)" in text and "stop requested (usr2)" in text
+
+
+def test_preemption_by_a_higher_priority_partition(slurm_env, tmp_path):
+    run_dir = tmp_path / "preempt"
+    job = submit(slurm_env, run_dir, "train.steps=120")
+    wait_for_step(run_dir, 10, slurm_env, job)
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N2", "--exclusive", "-o", str(tmp_path / "urgent.out"),
+                             "--wrap", "srun sleep 2"], env=slurm_env, capture_output=True, text=True, timeout=60)
+    assert urgent.returncode == 0, urgent.stderr
+    urgent_state = wait_job(int(urgent.stdout.strip().split(";")[0]), slurm_env, timeout=300)
+    assert urgent_state["JobState"] == "COMPLETED", urgent_state
+    state = finish(slurm_env, job, run_dir)
+    assert int(state["Restarts"]) >= 1
+    assert requeue_causes(run_dir)[0] == "preemption"
+    assert max(losses(run_dir)) == 120
+
+
+def test_crash_loop_stops_requeueing(slurm_env, tmp_path):
+    run_dir = tmp_path / "crash"
+    # A learning rate this large diverges at the same step every time: a real, repeatable failure.
+    job = submit(slurm_env, run_dir, "train.steps=40", "optim.lr=1e30", "optim.warmup_steps=1")
+    state = wait_job(job, slurm_env, timeout=420, log_files=logs(run_dir))
+    assert state["JobState"] == "FAILED", state
+    assert state["Restarts"] == "2", state  # 3 identical failures: the first two are requeued
+    assert requeue_causes(run_dir) == ["failure", "failure"]
+    text = log_text(run_dir)
+    assert re.search(r"not requeueing: crash loop: the same failure at step 2 3 times in a row", text), text[-3000:]
+
+
+def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, tmp_path):
+    run_dir = tmp_path / "kill"
+    job = submit(slurm_env, run_dir, "train.steps=60")
+    wait_for_step(run_dir, 25, slurm_env, job)
+    # SIGKILL the worker on the second node: no handler runs, no checkpoint is written.
+    pids = subprocess.run(["pgrep", "-f", f"vit.launch {run_dir}/slurm/config-{job}.yaml"], capture_output=True,
+                          text=True).stdout.split()
+    workers = [int(p) for p in pids if _node_of(int(p)) == "1" and not _is_torchrun(int(p))]
+    assert workers, f"no worker found among {pids}"
+    os.kill(workers[0], signal.SIGKILL)
+    state = wait_job(job, slurm_env, states={"PENDING", "FAILED", "COMPLETED", "CANCELLED"}, timeout=300,
+                     release_held=False, log_files=logs(run_dir))
+    if state["JobState"] != "PENDING":  # not requeued by the agent: the user requeues it
+        subprocess.run(["scontrol", "requeue", str(job)], env=slurm_env, check=True, timeout=60)
+    finish(slurm_env, job, run_dir)
+    text = log_text(run_dir)
+    resumed = re.findall(rf"resumed from {run_dir}/checkpoints/step-(\d+)", text)
+    assert len(resumed) == 1 and int(resumed[0]) % 10 == 0 and 20 <= int(resumed[0]) < 60, text[-3000:]
+    assert losses(run_dir) == losses(reference[0])
+
+
+def _node_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"SLURM_NODEID="):
+            return item.split(b"=", 1)[1].decode()
+    return None
+
+
+def _is_torchrun(pid: int) -> bool:
+    try:
+        return b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True

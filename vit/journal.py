@@ -1,0 +1,61 @@
+"""The run journal: `<run_dir>/journal.jsonl`, an append-only record of what happened to a run.
+
+Writers take turns and never overlap: the submitting process (`submit`), then per allocation the
+node-0 agent (`job_start`), rank 0 of the workers (`resume`, `metrics`, `checkpoint_begin`,
+`checkpoint_commit`, `stop_signal`, `evaluation`, `exit`, `crash`), and the node-0 agent again
+once the workers have exited (`requeue`, `agent_exit`). Lines are appended with one write each
+and flushed, and never rewritten, so the file survives requeues and hard kills (a torn last line
+is skipped by readers).
+
+Every event carries the UTC time, the Slurm job ID, the restart count, the node list and the step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+JOURNAL = "journal.jsonl"
+
+
+class Journal:
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
+        self.path = Path(run_dir) / JOURNAL
+        self.enabled = enabled
+
+    def write(self, event: str, step: int | None = None, **fields) -> None:
+        if not self.enabled:
+            return
+        record = {
+            "event": event,
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "unix": time.time(),
+            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+            "nodes": os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
+            "step": step,
+            **fields,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def read_journal(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / JOURNAL
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # the torn last line of a hard kill
+            continue
+    return events
