@@ -6,7 +6,8 @@ The state is what a training run saves: an FSDP2-sharded model (world size 1 thr
 about 632M x 12 bytes = 7.6 GB for ViT-H/14 with the 21k head). The baseline is the disk's real
 limit for the same bytes: each tensor's own buffer written with `os.write` (no Python copies) and
 fsync'ed, then read back with `readinto` into the same buffers after dropping the page cache;
-`dd oflag=direct` / `iflag=direct` runs in the same process for reference. Async save reports the
+`dd oflag=direct` / `iflag=direct` runs in the same process for reference. Each baseline is the
+better of two passes. Async save reports the
 time the training loop is blocked (`save()` returning) against a synchronous save.
 
     python benchmarks/checkpoint.py                       # ViT-H/14 on CPU, files under /tmp
@@ -158,6 +159,20 @@ def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()]
 
 
+def async_cached(path: Path, model, optimizer, group, saves: int = 2) -> list[float]:
+    """Blocked seconds of `saves` async saves through one FileSystemWriter that keeps its staging buffer."""
+    writer = FileSystemWriter(str(path), thread_count=4, sync_files=True, cache_staged_state_dict=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    blocked = []
+    for i in range(saves):
+        t = time.perf_counter()
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
+                                checkpoint_id=str(path / f"step-{i}"), process_group=group)
+        blocked.append(time.perf_counter() - t)
+        future.result()
+    return blocked
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -195,12 +210,15 @@ def main(argv=None) -> int:
 
         # 1. The disk's own sequential speed for these bytes (from host memory: the disk is what is measured).
         views = byte_views([t.cpu() for t in tensors] if cuda else tensors)
+        # Best of two: the baseline is the disk's limit, and one pass can be slowed by other work here.
         raw = root / "raw.bin"
-        w = raw_write(raw, views)
-        res["drop"] = drop_page_cache([raw], not args.no_drop_caches)
-        r = raw_read(raw, views)
+        w = r = float("inf")
+        for _ in range(2):
+            w = min(w, raw_write(raw, views))
+            res["drop"] = drop_page_cache([raw], not args.no_drop_caches)
+            r = min(r, raw_read(raw, views))
+            raw.unlink()
         res.update(disk_write_gbs=nbytes / w / GB, disk_read_gbs=nbytes / r / GB)
-        raw.unlink()
         if not args.no_dd:
             mib = max(nbytes >> 20, 1)
             ddfile = root / "dd.bin"
@@ -240,18 +258,12 @@ def main(argv=None) -> int:
                    async_blocked_fraction=med(blocked) / med(saves))
         shutil.rmtree(root / "async")
         if cuda:  # staging into a reused pinned buffer (needs CUDA): only the first save allocates it
-            writer = FileSystemWriter(str(root / "cached"), thread_count=4, sync_files=True, cache_staged_state_dict=True)
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            cached = []
-            for i in range(2):
-                t = time.perf_counter()
-                future = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
-                                        checkpoint_id=str(root / "cached" / f"step-{i}"),
-                                        process_group=async_ck.async_group)
-                cached.append(time.perf_counter() - t)
-                future.result()
-            res.update(async_cached_blocked_s=cached, async_cached_blocked_fraction=cached[-1] / med(saves))
-            shutil.rmtree(root / "cached")
+            try:
+                cached = async_cached(root / "cached", model, optimizer, async_ck.async_group)
+                res.update(async_cached_blocked_s=cached, async_cached_blocked_fraction=cached[-1] / med(saves))
+            except Exception as e:  # noqa: BLE001 (a variant, not what the loop runs: report and go on)
+                say(f"async save with a cached staging buffer failed: {type(e).__name__}: {e}")
+            shutil.rmtree(root / "cached", ignore_errors=True)
 
         # 4. Optional: dcp.save directly under FileSystemWriter settings.
         if args.writer_sweep:

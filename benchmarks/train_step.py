@@ -8,10 +8,11 @@ autocast (bf16 on CUDA), AdamW, `clip_grad_norm_` and cross-entropy. The two tak
 (A B A B ... after warm-up) and each reports the median of its per-round step times, so drift in
 clocks or in other load on the machine hits both alike.
 
-Rows: `base` (always), and the extra rows, default on GPU: `ac` (activation checkpointing),
+Rows (`--rows`; CPU default `base`, GPU default all): `base`, `ac` (activation checkpointing),
 `compile` (torch.compile per block), `sdpa` (one row per attention backend), `sweep` (micro-batch
-sweep until out of memory). MFU counts model FLOPs (`train_flops_per_image`), so AC's recompute
-is not credited.
+sweep with and without AC; an implementation that runs out of memory stops there). MFU counts
+model FLOPs (`train_flops_per_image`), so AC's recompute is not credited. Peak memory is this
+implementation's own: the other one's parameters and optimizer state are subtracted.
 
     python benchmarks/train_step.py                      # CPU: vit_tiny + vit_base, fp32, batch 8
     python benchmarks/train_step.py --rows base,ac,sweep --out bench.md   # GPU: vit_huge bf16

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -72,15 +73,16 @@ def job_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
     return [sys.executable, str(ROOT / "jobs/pretrain.py"), *args]
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> None:
+def wait_for(condition, proc: subprocess.Popen, timeout: float, what: str, logs=None) -> None:
+    """Poll `condition` until it holds; fail if the job exits first or the time runs out."""
     deadline = time.monotonic() + timeout
     while not condition():
-        if proc.poll() is not None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
             out, err = proc.communicate()
-            raise AssertionError(f"the job exited {proc.returncode} before {what}\n{out[-3000:]}\n{err[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
+            text = logs() if logs else f"{(out or '')[-3000:]}\n{(err or '')[-3000:]}"
+            raise AssertionError(f"the job exited {proc.returncode} or timed out before {what}\n{text}")
         time.sleep(0.05)
 
 
@@ -157,6 +159,37 @@ def test_retention_keeps_the_newest_valid_checkpoints_and_newer_saves_in_flight(
     ckpt._apply_retention(root / "step-6")
     assert [p.name for p in valid_checkpoints(root, warn=False)] == ["step-5", "step-4"]
     assert (root / "step-6").is_dir() and (root / "step-7").is_dir()
+
+
+def test_a_shard_that_fails_to_load_falls_back_to_the_previous_checkpoint(tmp_path):
+    """Damage the size check cannot see (a shard overwritten with zeros): the load itself fails, and the
+    loader must warn and fall back, not crash. One process, no process group: DCP runs in-process."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(tmp_path / "checkpoints", 0)
+
+    def train_and_save(step):
+        model(torch.randn(2, 8)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP: "assuming the intent is to save in a single process"
+            ckpt.save(step, model, optimizer, {"world_size": 1})
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    saved_1 = train_and_save(1)
+    train_and_save(2)
+    for shard in (tmp_path / "checkpoints/step-2").glob("*.distcp"):
+        shard.write_bytes(bytes(shard.stat().st_size))
+    assert problem_with(tmp_path / "checkpoints/step-2") is None  # invisible to the size check
+
+    fresh = torch.nn.Linear(8, 4)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-2: failed to load"):
+        state = ckpt.load_latest(fresh, fresh_optimizer)
+    assert state is not None and state["step"] == 1 and state["path"].endswith("step-1")
+    assert all(torch.equal(v, saved_1[k]) for k, v in fresh.state_dict().items())
 
 
 def _adamw_round_trip(rank: int, root: Path) -> None:
@@ -256,11 +289,12 @@ def test_stop_and_resume_is_bitwise_at_several_stop_points(tmp_path, reference):
 
 def test_interrupt_during_accumulation_saves_at_a_step_boundary_and_resumes_bitwise(tmp_path):
     accumulate = "train.micro_batch=4"  # global batch 16 on 1 process: 4 micro-batches per step
+    steps = "train.steps=12"
     ref_dir, run = tmp_path / "reference", tmp_path / "run"
-    assert "1 ranks x 4 accumulation" in run_job(ref_dir, STEPS, accumulate).stdout
+    assert "1 ranks x 4 accumulation" in run_job(ref_dir, steps, accumulate).stdout
     ref = losses(ref_dir)
 
-    proc = subprocess.Popen(job_command(run, STEPS, accumulate), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(job_command(run, steps, accumulate), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         metrics = run / "metrics.jsonl"
@@ -275,16 +309,16 @@ def test_interrupt_during_accumulation_saves_at_a_step_boundary_and_resumes_bitw
     match = re.search(r"stop requested \(interrupt\): checkpoint at step (\d+) saved", out)
     assert match, out[-3000:]
     stopped = int(match.group(1))
-    assert 2 <= stopped < 20
+    assert 2 <= stopped < 12
     logged = losses(run)
     assert max(logged) == stopped  # the step in progress was finished, and no further one started
     state = json.loads((run / f"checkpoints/step-{stopped}/train_state.json").read_text())
     assert state["step"] == stopped and state["data"] == {"epoch": 0, "offset": 16 * stopped}
     assert problem_with(run / f"checkpoints/step-{stopped}") is None
 
-    again = run_job(run, STEPS, accumulate)
+    again = run_job(run, steps, accumulate)
     assert f"resumed from {run}/checkpoints/step-{stopped} (step {stopped}," in again.stdout
-    assert_bitwise(losses(run), ref, range(1, 21))
+    assert_bitwise(losses(run), ref, range(1, 13))
 
 
 # --- elastic resume: a different world size ----------------------------------------------------------
@@ -311,26 +345,30 @@ def test_elastic_resume_from_1_rank_on_2(tmp_path, reference):
 
 def test_kill_9_of_a_rank_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, reference):
     run, step = tmp_path / "run", 8
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests/hooks"), os.environ.get("PYTHONPATH", "")]),
-           "VIT_TEST_SLOW_SAVE_AT_STEP": str(step), "VIT_TEST_SLOW_SAVE_RANKS": "1",
-           "VIT_TEST_SLOW_SAVE_SECONDS": "60"}
-    proc = subprocess.Popen(job_command(run, STEPS, nproc=2), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    hooks = os.pathsep.join([str(ROOT / "tests/hooks"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": hooks, "VIT_TEST_SLOW_SAVE_AT_STEP": str(step),
+           "VIT_TEST_SLOW_SAVE_RANKS": "1", "VIT_TEST_SLOW_SAVE_SECONDS": "120"}
+    out_file, err_file = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out_file, "w") as out, open(err_file, "w") as err:
+        proc = subprocess.Popen(job_command(run, STEPS, nproc=2), cwd=ROOT, env=env, stdout=out, stderr=err,
+                                start_new_session=True)  # its own process group, to clean up the workers too
     saving = run / f"checkpoints/step-{step}"
     try:
-        # rank 1 wrote its RNG state, so it is inside the save (the hook holds it before its shards)
-        wait_for(lambda: (saving / "rng/rank-1.json").exists(), proc, 240, f"the save of step {step}")
-        time.sleep(0.5)
-        assert not (saving / COMPLETE).exists()
+        # the hook holds rank 1 inside the save of step 8, before its shards (rank 0 goes on with its own)
+        wait_for(lambda: "slow-save hook] rank 1" in err_file.read_text(), proc, 240, f"the save of step {step}",
+                 logs=lambda: out_file.read_text()[-2000:] + err_file.read_text()[-4000:])
+        assert saving.is_dir() and not (saving / COMPLETE).exists()
         ranks = {int(env_of(pid).get("RANK", -1)): pid for pid in children(proc.pid)}
         assert set(ranks) == {0, 1}, ranks
         os.kill(ranks[1], signal.SIGKILL)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0, out[-2000:]
-    assert "slow-save hook" in err  # the hook was active: the kill did land mid-save
+        try:  # whatever is left of the job (torchrun, the surviving rank)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode != 0, out_file.read_text()[-2000:]
     assert not (saving / COMPLETE).exists() and valid_steps(run) == [4]
     killed = losses(run)
     assert max(killed) == step
@@ -363,8 +401,8 @@ def test_truncated_and_deleted_shards_are_skipped_with_a_warning(tmp_path, refer
 
     # the run's "latest" still names step-20; it must not be trusted
     resumed = run_job(run, STEPS)
-    assert re.search(rf"skipping checkpoint {run}/checkpoints/step-20: shard {shard.name} is truncated", resumed.stderr)
-    assert re.search(rf"skipping checkpoint {run}/checkpoints/step-16: shard {deleted.name} is missing", resumed.stderr)
+    assert f"skipping checkpoint {run}/checkpoints/step-20: shard {shard.name} is truncated (" in resumed.stderr
+    assert f"skipping checkpoint {run}/checkpoints/step-16: shard {deleted.name} is missing" in resumed.stderr
     assert f"resumed from {run}/checkpoints/step-12 (step 12," in resumed.stdout
     assert_bitwise(losses(run), losses(reference), range(13, 21))
     assert checkpoint_cli(["ls", str(run), "--json"]) == 0
@@ -404,7 +442,9 @@ def test_disk_full_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint
         expected = (f"error: saving {run}/checkpoints/step-8 failed (disk full: No space left on device); "
                     f"the previous checkpoint {run}/checkpoints/step-4 is kept")
         assert lines[-1] == expected, proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr
+        assert sum(line.startswith("error:") for line in lines) == 1, proc.stderr[-3000:]
+        # no crash of our code (DCP's writer threads may print their own ENOSPC tracebacks before it)
+        assert "Error executing job" not in proc.stderr and f'File "{ROOT}' not in proc.stderr, proc.stderr[-3000:]
         assert steps_on_disk(run) == [4] and valid_steps(run) == [4]
         assert (run / "checkpoints/latest").read_text().strip() == "step-4"
         status = json.loads((run / "status.json").read_text())
@@ -454,7 +494,7 @@ def test_async_save_gives_the_same_losses_and_valid_checkpoints(tmp_path, refere
     assert "checkpoint at step 10" in first.stdout
     assert steps_on_disk(run) == valid_steps(run) == [8, 10]
     assert_bitwise(losses(run), ref, range(1, 11))
-    # step 8 was written while steps 9 and 10 trained: resume from it to prove it holds step 8's state
+    # step 8 was saved in the background while training went on: resume from it to prove it holds step 8's state
     shutil.rmtree(run / "checkpoints/step-10")
     second = run_job(run, STEPS, "checkpoint.async_save=true")
     assert f"resumed from {run}/checkpoints/step-8 (step 8," in second.stdout

@@ -277,7 +277,7 @@ def test_plan_defaults_time_limits_and_local():
     from vit.plan import DEFAULTS, plan, settings
 
     assert DEFAULTS == {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
-    assert settings(compose("+plan=true")) == DEFAULTS  # a bare flag leaves the defaults
+    assert settings(compose("plan=true")) == DEFAULTS  # the flag leaves the planner defaults alone
     p = plan(compose("cluster=sg_h100", "cluster.time_min=600"))  # 10-hour limit, default MFU 40%
     train_s = 623_897 * 2048 * 1_003_930_713_600 / (32 * 989e12 * 0.40)
     assert p["allocations"] == math.ceil(train_s / 36_000) == 3 and p["requeues"] == 2

@@ -15,6 +15,7 @@ DCP metadata classes.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import pickle
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -211,7 +213,7 @@ class Checkpointer:
                 self.pending = _Pending(step, path, future, started)
                 return
             dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             self._abandon(path, e)
         self._commit(step, path, started)
 
@@ -225,17 +227,20 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         try:
             pending.future.result()
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             self._abandon(pending.path, e)
         self._commit(pending.step, pending.path, pending.started)
 
-    def _abandon(self, path: Path, error: Exception) -> None:
+    def _abandon(self, path: Path, error: BaseException) -> None:
+        # DCP hands other ranks' failures over as copies that lose the chained OSError: ask the disk too.
+        disk_full = path.exists() and shutil.disk_usage(path).free < (1 << 20)
         barrier()
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
         previous = valid_checkpoints(self.root, warn=False)
         keep = f"the previous checkpoint {previous[0]} is kept" if previous else "there is no earlier checkpoint"
-        raise CheckpointError(f"saving {path} failed ({_root_cause(error)}); {keep}") from error
+        cause = "disk full: No space left on device" if disk_full else _root_cause(error)
+        raise CheckpointError(f"saving {path} failed ({cause}); {keep}") from error
 
     def _commit(self, step: int, path: Path, started: float) -> None:
         barrier()  # every rank's shards are written and synced
@@ -275,7 +280,7 @@ class Checkpointer:
                 dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=SafeReader(str(path)))
                 set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
                 ok = 1
-            except Exception as e:  # a shard that went bad after the check: fall back to the previous one
+            except (Exception, CheckpointException) as e:  # a shard that went bad after the check: use the previous
                 warnings.warn(f"skipping checkpoint {path}: failed to load ({_root_cause(e)})", stacklevel=2)
                 ok = 0
             if _all_ok(ok):
@@ -287,13 +292,21 @@ class Checkpointer:
 
 
 def _root_cause(e: BaseException) -> str:
-    text = str(e)
-    while e.__cause__ is not None:
-        e = e.__cause__
-        text = str(e) or text
-    if "No space left" in str(e) or "No space left" in text:
-        return "disk full: No space left on device"
-    return text.strip().splitlines()[-1][:300] if text.strip() else type(e).__name__
+    """One line for the user: "disk full" if ENOSPC is anywhere in the chain, else the innermost message."""
+    seen, stack, innermost = set(), [e], e
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left" in str(x):
+            return "disk full: No space left on device"
+        if isinstance(x, CheckpointException):
+            stack += [failure for failure, _ in x.failures.values()]
+        stack += [x.__cause__, x.__context__]
+        innermost = x if str(x).strip() else innermost
+    text = str(innermost).strip()
+    return text.splitlines()[-1][:300] if text else type(e).__name__
 
 
 def _broadcast(obj):
@@ -305,22 +318,12 @@ def _broadcast(obj):
 
 
 def _all_ok(ok: int) -> bool:
+    """Every rank loaded its part (an object collective works on gloo and NCCL alike)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([ok], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_cpu_group())
-        return bool(t.item())
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, ok)
+        return all(flags)
     return bool(ok)
-
-
-def _cpu_group():
-    """A gloo group for small CPU-side agreements, whatever the training backend is."""
-    global _CPU_GROUP
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo")
-    return _CPU_GROUP
-
-
-_CPU_GROUP = None
 
 
 # --- tools: export and ls -------------------------------------------------------------------------

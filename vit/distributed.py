@@ -75,5 +75,8 @@ def barrier() -> None:
 
 
 def close() -> None:
+    """Leave the process group together: a rank that tears down gloo while a peer is still in its
+    last collective can abort at exit ("terminate called without an active exception")."""
     if dist.is_initialized():
+        barrier()
         dist.destroy_process_group()

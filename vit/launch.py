@@ -4,6 +4,7 @@ User errors (config, data, checkpoint) end in one line on stderr and exit status
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 from vit.checkpoint import CheckpointError
 from vit.config import ConfigError, validate
 from vit.data.sources import DataError
+from vit.distributed import close
 from vit.journal import Journal
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -36,10 +38,14 @@ def fail(error: Exception) -> None:
 def write_status(run_dir: str | os.PathLike, **status) -> None:
     """`<run_dir>/status.json`: how the last training process ended (read by the requeue logic)."""
     path = Path(run_dir) / "status.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"status.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"time": time.time(), **status}))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"time": time.time(), **status}))
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. the disk that just filled up: the error being reported matters more
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write {path}: {e}", file=sys.stderr, flush=True)
 
 
 def run_training(cfg: DictConfig) -> dict:
@@ -67,6 +73,11 @@ def run_training(cfg: DictConfig) -> dict:
         # Python restores default handlers while it shuts down, and USR2's default is to die: a stop
         # signal that arrives after the final save must not turn a finished rank into a crashed one.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    # Leave the group only after a clean end (after a failure a peer may sit in a collective). The
+    # model and optimizer, train's locals, hold process-group state: free them first, or gloo can
+    # abort at exit ("terminate called without an active exception").
+    gc.collect()
+    close()
     if rank == 0:
         write_status(cfg.run_dir, **summary)
     return summary
@@ -106,3 +117,8 @@ if __name__ == "__main__":  # a torchrun worker started by the node agent: `pyth
     from omegaconf import OmegaConf
 
     run_training(OmegaConf.load(sys.argv[1]))
+    # Everything is saved and the group is closed: skip interpreter teardown, where native threads of
+    # the distributed stack have been seen to abort a finished worker.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -20,7 +20,7 @@ from vit.checkpoint import Checkpointer
 from vit.config import accumulation_steps, total_steps
 from vit.data.loader import DataPosition, SeededSamples, build_loader, collate_samples
 from vit.data.sources import DataError, build_source
-from vit.distributed import World, all_reduce_max, all_reduce_sum, barrier, close, init_distributed
+from vit.distributed import World, all_reduce_max, all_reduce_sum, barrier, init_distributed
 from vit.journal import Journal
 from vit.metrics import MetricsLogger
 from vit.model import build_model, train_flops_per_image
@@ -134,7 +134,6 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     if step >= steps:
         if main:
             print(f"run {run_dir} is already complete ({step}/{steps} steps); nothing to do", flush=True)
-        close()
         return {"state": "completed", "step": step, "total_steps": steps}
     journal.write("train_start", step, total_steps=steps, world_size=world.world_size, device=str(device),
                   global_batch=global_batch, flops_per_image=train_flops_per_image(cfg.model.name, num_classes,
@@ -223,5 +222,4 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     if main:
         print("summary: " + json.dumps(summary), flush=True)
     journal.write("exit", step, **{k: v for k, v in summary.items() if k != "step"})
-    close()
     return summary
