@@ -21,5 +21,6 @@ setup(
         "tqdm",
         "matplotlib",  # jobs/status.py --plot
     ],
-    extras_require={"dev": ["pytest>=7"], "tensorboard": ["tensorboard"]},  # jobs/status.py --tensorboard
+    # tensorboard is optional for users (jobs/status.py --tensorboard says when it is missing); the tests use it
+    extras_require={"dev": ["pytest>=7", "tensorboard"], "tensorboard": ["tensorboard"]},
 )

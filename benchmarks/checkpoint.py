@@ -190,8 +190,9 @@ def main(argv=None) -> int:
         print(text, flush=True)
 
     try:
+        where = torch.cuda.get_device_name() if cuda else "CPU"
         say(f"checkpoint benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}, torch {torch.__version__}, "
-            f"{os.cpu_count()} CPUs, state on {torch.cuda.get_device_name() if cuda else 'CPU'}, dir {root}\ncommand: `python {shlex.join(args.argv)}`\n")
+            f"{os.cpu_count()} CPUs, state on {where}, dir {root}\ncommand: `python {shlex.join(args.argv)}`\n")
         # The state: a real FSDP2 model and AdamW state from one real step.
         t = time.perf_counter()
         torch.manual_seed(0)
@@ -305,11 +306,13 @@ def main(argv=None) -> int:
         say(f"\nsave: {res['save_gbs'] / dw:.0%} of the disk's write speed (target >= 70%)"
             + (f", {res['save_gbs'] / ddw:.0%} of dd's" if ddw else "")
             + f"; checkpoint on disk {on_disk / GB:.2f} GB for {nbytes / GB:.2f} GB of tensors")
-        say(f"load: {res['load_gbs'] / dr:.0%} of the disk's read speed" + (f", {res['load_gbs'] / ddr:.0%} of dd's" if ddr else ""))
+        say(f"load: {res['load_gbs'] / dr:.0%} of the disk's read speed"
+            + (f", {res['load_gbs'] / ddr:.0%} of dd's" if ddr else ""))
         say(f"async save: loop blocked {med(blocked):.2f}s of a {med(saves):.2f}s sync save = "
             f"{res['async_blocked_fraction']:.0%} (target <= 20%); async save done after {med(total):.2f}s")
         if "async_cached_blocked_s" in res:
-            say(f"async save, FileSystemWriter(cache_staged_state_dict=True) reused: blocked {res['async_cached_blocked_s'][0]:.2f}s "
+            say("async save, FileSystemWriter(cache_staged_state_dict=True) reused: "
+                f"blocked {res['async_cached_blocked_s'][0]:.2f}s "
                 f"on the first save, {res['async_cached_blocked_s'][-1]:.2f}s after = "
                 f"{res['async_cached_blocked_fraction']:.0%} of a sync save")
     finally:

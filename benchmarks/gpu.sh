@@ -47,7 +47,9 @@ if ! "$PY" -c 'import timm' 2>/dev/null; then
   fi
 fi
 "$PY" -c 'import timm; print("timm", timm.__version__)' 2>&1 | tee -a "$OUT/env.txt"
-"$PY" -c 'import vit.train' 2>&1 | tee -a "$OUT/env.txt" || echo "vit.train does not import: run 'pip install -e .' first" | tee -a "$OUT/env.txt"
+if ! "$PY" -c 'import vit.train' 2>&1 | tee -a "$OUT/env.txt"; then
+  echo "vit.train does not import: run 'pip install -e .' first" | tee -a "$OUT/env.txt"
+fi
 
 # DRY=1: the same flow with tiny models on any machine, to check this script.
 DRY_ARGS=(); [[ -n "${DRY:-}" ]] && DRY_ARGS=(--tiny)

@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=IN21K_CLASSES)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-timm", action="store_true", help="run ours only (e.g. timm is not installed)")
-    p.add_argument("--tiny", action="store_true", help="vit_tiny at 32 px, batch 2, 1 round: a smoke test (or a dry run of other flags)")
+    p.add_argument("--tiny", action="store_true",
+                   help="vit_tiny at 32 px, batch 2, 1 round: a smoke test (or a dry run of other flags)")
     p.add_argument("--time-budget", type=float, help="seconds; rows not started by then are skipped")
     p.add_argument("--out", help="also write the table here (markdown) and the rows next to it as .json")
     args = p.parse_args(argv)
@@ -223,7 +224,8 @@ def run_row(args, name: str, row: Row, world, impls: list[str]) -> dict[str, dic
 def fail(result: dict, e: Exception) -> None:
     oom = isinstance(e, torch.OutOfMemoryError)
     result["status"] = "oom" if oom else "error"
-    result["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    first_line = (str(e).strip().splitlines() or [""])[0][:160]
+    result["error"] = "out of memory" if oom else f"{type(e).__name__}: {first_line}"
 
 
 def summarise(name: str, row: Row, results: dict[str, dict], args, device) -> list[dict]:
@@ -234,8 +236,8 @@ def summarise(name: str, row: Row, results: dict[str, dict], args, device) -> li
         rec = {"model": name, "row": row.name, "impl": impl, "batch": row.batch, "status": r["status"]}
         if r["status"] == "ok" and r["times"]:
             t = statistics.median(r["times"])
-            rec.update(step_ms=1e3 * t, best_ms=1e3 * min(r["times"]), images_per_s=row.batch / t, tflops=row.batch / t * flops / 1e12,
-                       rounds=len(r["times"]))
+            rec.update(step_ms=1e3 * t, best_ms=1e3 * min(r["times"]), images_per_s=row.batch / t,
+                       tflops=row.batch / t * flops / 1e12, rounds=len(r["times"]))
             rec["mfu"] = rec["tflops"] * 1e12 / peak if peak else None
             rec["peak_mem_gb"] = r["peak"] / 1e9 if device.type == "cuda" else None
         else:

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT, losses
-from slurm_cluster import dump_logs, ensure_cluster, wait_job
+from slurm_cluster import dump_logs, ensure_cluster, job_state, wait_job
 
 from vit.status import summarize
 
@@ -197,3 +198,37 @@ def _is_torchrun(pid: int) -> bool:
         return b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.name=vit_tiny_patch16,vit_bogus"], "model.name"),  # one bad point stops the whole sweep
+    (["name=smoke;touch${IFS}/tmp/pwned"], "name"),
+    (["train.micro_batch=24"], "train.micro_batch"),
+    (["data=imagenet21k", "data.root=/no/such/dataset"], "data.root"),
+])
+def test_bad_submissions_are_rejected_before_anything_is_queued(slurm_env, tmp_path, overrides, key):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_env, capture_output=True, text=True).stdout
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *TINY_SLURM, f"run_dir={tmp_path}", *overrides],
+                          cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {key}:"), proc.stderr
+    assert "submitted job" not in proc.stdout and not (tmp_path / "slurm").exists()
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_env, capture_output=True, text=True).stdout
+    assert after == before
+
+
+def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_path):
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *TINY_SLURM, f"run_dir={tmp_path}",
+                           "train.steps=3", "optim.warmup_steps=1", "optim.lr=1e-3,2e-3"],
+                          cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    jobs = [int(j) for j in re.findall(r"submitted job (\d+)", proc.stdout)]
+    assert len(jobs) == 2, proc.stdout
+    # returned while the jobs were still queued or running, each with its own run directory
+    assert all(job_state(j, slurm_env)["JobState"] in {"PENDING", "RUNNING", "CONFIGURING"} for j in jobs)
+    for job, lr in zip(jobs, ["0.001", "0.002"]):
+        run_dir = tmp_path / f"optim.lr-{lr}"
+        assert f"run dir : {run_dir}" in proc.stdout
+        finish(slurm_env, job, run_dir)
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == float(lr)

@@ -222,8 +222,7 @@ def test_status_cli_json_plot_and_tensorboard(real_run, tmp_path):
     assert set(s) >= {"epoch", "loss", "images_per_s", "mfu", "job_state", "restarts", "restart_causes", "eta_s",
                       "goodput", "breakdown", "queue_wait_s"}
     assert png.read_bytes().startswith(PNG)
-    if "not installed" not in proc.stderr:
-        assert list((real_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((real_run / "tensorboard").glob("events.out.tfevents.*"))  # the dev extra installs tensorboard
     text = subprocess.run([sys.executable, "jobs/status.py", "-m", str(real_run.parent)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert text.returncode == 0 and "8/8 (100.0%)" in text.stdout and "goodput" in text.stdout, text.stderr

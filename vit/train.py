@@ -135,10 +135,9 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         if main:
             print(f"run {run_dir} is already complete ({step}/{steps} steps); nothing to do", flush=True)
         return {"state": "completed", "step": step, "total_steps": steps}
+    flops_per_image = train_flops_per_image(cfg.model.name, num_classes, cfg.data.img_size)
     journal.write("train_start", step, total_steps=steps, world_size=world.world_size, device=str(device),
-                  global_batch=global_batch, flops_per_image=train_flops_per_image(cfg.model.name, num_classes,
-                                                                                   cfg.data.img_size),
-                  startup_s=time.time() - PROCESS_START)
+                  global_batch=global_batch, flops_per_image=flops_per_image, startup_s=time.time() - PROCESS_START)
     if main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         print(f"training {cfg.model.name} on {world.world_size} x {device.type} ({precision}): steps {step}->{steps}, "
@@ -149,8 +148,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                                 world_size=world.world_size, seed=cfg.seed, start=position,
                                 num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"))
     stop = StopRequest().install()
-    logger = MetricsLogger(str(run_dir), main, steps, step, train_flops_per_image(cfg.model.name, num_classes,
-                           cfg.data.img_size), world.world_size, device, progress=cfg.train.progress)
+    logger = MetricsLogger(str(run_dir), main, steps, step, flops_per_image, world.world_size, device,
+                           progress=cfg.train.progress)
 
     def train_state() -> dict:
         return {"data": {"epoch": position.epoch, "offset": position.offset}, "bad_samples": bad_samples,
@@ -208,7 +207,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                       f"{ckpt.last_save_seconds or 0:.1f}s", flush=True)
         elif ckpt.pending is not None and not saving:
             ckpt.finish()
-        if val_source is not None and (step % cfg.train.eval_every == 0 or step == steps):
+        if val_source is not None and not stop_kind and (step % cfg.train.eval_every == 0 or step == steps):
             accuracy = evaluate(model, val_source, world, micro_batch, cfg.data.num_workers)
             if main:
                 logger.write({"step": step, **accuracy})

@@ -8,6 +8,7 @@
 * A job whose task raised is reported as failed to Slurm and submitit (the stock one swallows it).
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,12 +38,14 @@ class VitSlurmLauncher(SlurmLauncher):
             raise result._return_value  # the exception: the Slurm job must end FAILED, not COMPLETED
         return result
 
-    def _sweep_point(self, overrides: list[str], many: bool):
+    def _sweep_point(self, overrides: list[str], swept: set[str]):
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        if many and not any(o.startswith("run_dir=") for o in overrides):
-            # one directory per point, named by its overrides, fixed now so that requeues find it
-            point = ",".join(filter_overrides(overrides)).replace("/", "_") or "default"
-            overrides = [*overrides, f"run_dir={Path(cfg.run_dir) / point}"]
+        if swept and not any(o.startswith("run_dir=") for o in overrides):
+            # one directory per point, named by its swept values, fixed now so that requeues find it
+            point = "_".join(o.replace("=", "-") for o in overrides if o.split("=", 1)[0] in swept)
+            point = re.sub(r"[^A-Za-z0-9._-]+", "_", point)
+            # quoted: a bare value with ',' or '=' would be read by Hydra as a sweep or a syntax error
+            overrides = [*overrides, f"run_dir='{Path(cfg.run_dir) / point}'"]
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         return overrides, cfg
 
@@ -53,7 +56,13 @@ class VitSlurmLauncher(SlurmLauncher):
         from vit.journal import Journal
         from vit.launch import USER_ERRORS, fail
 
-        points = [self._sweep_point(list(o), many=len(job_overrides) > 1) for o in job_overrides]
+        values: dict[str, set[str]] = {}
+        for overrides in job_overrides:
+            for o in filter_overrides(overrides):
+                key, _, value = o.partition("=")
+                values.setdefault(key, set()).add(value)
+        swept = {k for k, v in values.items() if len(v) > 1}
+        points = [self._sweep_point(list(o), swept) for o in job_overrides]
         if any(cfg.get("plan") for _, cfg in points):  # plan=true: print what it would cost, submit nothing
             from vit.plan import format_plan, plan
             for overrides, cfg in points:
