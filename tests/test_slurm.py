@@ -202,7 +202,7 @@ def _is_torchrun(pid: int) -> bool:
 
 @pytest.mark.parametrize("overrides, key", [
     (["model.name=vit_tiny_patch16,vit_bogus"], "model.name"),  # one bad point stops the whole sweep
-    (["name=smoke;touch${IFS}/tmp/pwned"], "name"),
+    (["name='smoke;touch /tmp/pwned'"], "name"),  # quoted, as Hydra's grammar requires
     (["train.micro_batch=24"], "train.micro_batch"),
     (["data=imagenet21k", "data.root=/no/such/dataset"], "data.root"),
 ])
@@ -232,3 +232,18 @@ def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_pa
         finish(slurm_env, job, run_dir)
         assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == float(lr)
+
+
+def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path):
+    run_dir = tmp_path / "cancel"
+    job = submit(slurm_env, run_dir, "train.steps=300")
+    wait_for_step(run_dir, 5, slurm_env, job)
+    subprocess.run(["scancel", str(job)], env=slurm_env, check=True, timeout=60)
+    state = wait_job(job, slurm_env, states={"CANCELLED", "COMPLETED", "FAILED"}, timeout=180, release_held=False,
+                     log_files=logs(run_dir))
+    time.sleep(3)  # a requeue, if any, would show now
+    state = job_state(job, slurm_env)
+    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", state
+    text = log_text(run_dir)
+    assert "stop requested (term)" in text and "not requeueing: stopped by SIGTERM" in text, text[-3000:]
+    assert requeue_causes(run_dir) == []

@@ -79,9 +79,10 @@ def time_left_s(job_id: str) -> float | None:
 
 
 def classify_stop(kind: str | None, seconds_left: float | None, signal_lead_s: float) -> str:
-    """time_limit: the warning came within the lead time of the limit; otherwise a preemption."""
-    if kind == "step_limit":
-        return "step_limit"
+    """time_limit: the USR2 warning came within the lead time of the limit; otherwise a preemption.
+    SIGTERM is never a warning: it is scancel, or Slurm ending the job."""
+    if kind in ("step_limit", "term"):
+        return kind
     if seconds_left is not None and seconds_left <= signal_lead_s + 60:
         return "time_limit"
     return "preemption" if kind == "usr2" else (kind or "unknown")
@@ -98,6 +99,11 @@ def requeue_decision(status: dict, cause: str | None, history: list[dict], max_r
     state = status.get("state")
     if state == "completed":
         return False, "training completed"
+    if state == "stopped" and cause == "term":
+        # SIGTERM without the USR2 warning: scancel, or Slurm ending the job, which requeues preempted
+        # jobs itself. At a time limit USR2 always comes first (--signal), so nothing is lost here.
+        return False, (f"stopped by SIGTERM at step {status.get('step')} (scancel or Slurm ending the job); "
+                       "the same submission resumes from its checkpoint")
     if status.get("user_error"):
         return False, f"configuration or data error, fix it and resubmit: {status.get('error')}"
     if state == "stopped":
@@ -174,9 +180,9 @@ class NodeAgent:
         status = json.loads(status_file.read_text()) if status_file.exists() else {}
         if code != 0:
             self.log(f"workers exited with code {code}")
-        # "completed" is written only after the final checkpoint is committed on every rank, so it
-        # stands even if a process then died on its way out.
-        if not status or (code != 0 and status.get("state") != "completed"):
+        # "completed" and "stopped" are written only after a checkpoint is committed on every rank, so
+        # they stand even if a process then died on its way out (torchrun exits 1 on SIGTERM).
+        if status.get("state") not in ("completed", "stopped"):
             status = {**status, "state": "failed", "error": status.get("error")
                       or f"workers exited with code {code} (killed or crashed)"}
         cause = self.stop_cause or classify_stop(status.get("stop"), None, self.signal_lead_s)

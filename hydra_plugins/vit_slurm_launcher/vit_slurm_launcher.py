@@ -40,7 +40,7 @@ class VitSlurmLauncher(SlurmLauncher):
 
     def _sweep_point(self, overrides: list[str], swept: set[str]):
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        if swept and not any(o.startswith("run_dir=") for o in overrides):
+        if swept and "run_dir" not in swept:
             # one directory per point, named by its swept values, fixed now so that requeues find it
             point = "_".join(o.replace("=", "-") for o in overrides if o.split("=", 1)[0] in swept)
             point = re.sub(r"[^A-Za-z0-9._-]+", "_", point)
