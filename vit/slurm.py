@@ -132,19 +132,26 @@ class NodeAgent:
         self.stop_cause: str | None = None
         self.stop_time: float | None = None
         self.proc: subprocess.Popen | None = None
+        self.last_forward = 0.0
         self.journal = Journal(run_dir)
 
     def log(self, message: str) -> None:
         print(f"[vit.slurm job {self.job_id} node {self.node_id}] {message}", flush=True)
 
     def _on_signal(self, signum, frame) -> None:
-        kind = "usr2" if signum == signal.SIGUSR2 else "term"
+        # Only flags and a kill(2) here; the squeue call and logging happen in the wait loop.
         if self.stop_kind is None:
-            self.stop_kind, self.stop_time = kind, time.monotonic()
-            if self.node_id == 0:  # classify once; squeue is cheap but not free on a busy controller
-                self.stop_cause = classify_stop(kind, time_left_s(self.job_id), self.signal_lead_s)
-            self.log(f"received SIG{'USR2' if kind == 'usr2' else 'TERM'} ({self.stop_cause or kind}); "
-                     "asking the workers to checkpoint and stop")
+            self.stop_kind, self.stop_time = ("usr2" if signum == signal.SIGUSR2 else "term"), time.monotonic()
+        self._forward()
+
+    def _note_stop(self) -> None:
+        if self.node_id == 0:  # classified once, while the job still runs: squeue knows its time left
+            self.stop_cause = classify_stop(self.stop_kind, time_left_s(self.job_id), self.signal_lead_s)
+        self.log(f"received SIG{'USR2' if self.stop_kind == 'usr2' else 'TERM'} ({self.stop_cause or self.stop_kind}); "
+                 "asking the workers to checkpoint and stop")
+
+    def _forward(self) -> None:
+        self.last_forward = time.monotonic()
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGUSR2)  # workers turn USR2 into a coordinated stop
 
@@ -165,19 +172,36 @@ class NodeAgent:
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
         self.proc = subprocess.Popen(cmd, preexec_fn=shield, start_new_session=True)
-        code = self.proc.wait()
+        noted = False
+        while (code := self.proc.poll()) is None:
+            time.sleep(0.5)
+            if self.stop_kind is not None and not noted:
+                noted = True
+                self._note_stop()
+            # Workers that were still starting when the signal came ignored it (they inherit the
+            # shield until their handler is installed): repeat it until they have all stopped.
+            if self.stop_kind is not None and time.monotonic() - self.last_forward >= 5:
+                self._forward()
         if self.stop_time is not None:
+            if not noted:
+                self._note_stop()
             self.log(f"workers exited {code} {self._stop_seconds():.1f}s after the stop signal")
         if self.node_id != 0:
-            return 0 if code == 0 else 1
+            return 0 if code == 0 or self._status().get("state") in ("completed", "stopped") else 1
         return self.decide(code)
+
+    def _status(self) -> dict:
+        path = self.run_dir / "status.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # absent: rank 0 died before writing it
+            return {}
 
     def _stop_seconds(self) -> float | None:
         return None if self.stop_time is None else time.monotonic() - self.stop_time
 
     def decide(self, code: int) -> int:
-        status_file = self.run_dir / "status.json"
-        status = json.loads(status_file.read_text()) if status_file.exists() else {}
+        status = self._status()
         if code != 0:
             self.log(f"workers exited with code {code}")
         # "completed" and "stopped" are written only after a checkpoint is committed on every rank, so
