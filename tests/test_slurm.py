@@ -118,8 +118,8 @@ def test_usr2_checkpoints_requeues_and_resumes_bitwise(slurm_env, reference, tmp
 def test_real_time_limit_is_saved_requeued_and_resumed(slurm_env, tmp_path):
     run_dir = tmp_path / "timelimit"
     # A 1-minute limit with USR2 30 s before it: Slurm itself signals the job well before the end.
-    job = submit(slurm_env, run_dir, "train.steps=1000", "cluster.time_min=1", "cluster.signal_lead_s=30",
-                 "checkpoint.every_steps=100")  # 1000 steps take well over one 1-minute allocation
+    job = submit(slurm_env, run_dir, "train.steps=600", "cluster.time_min=1", "cluster.signal_lead_s=30",
+                 "checkpoint.every_steps=100")  # 600 steps take longer than one 1-minute allocation
     deadline = time.monotonic() + 300
     while not requeue_causes(run_dir) and time.monotonic() < deadline:
         time.sleep(1)
@@ -128,7 +128,7 @@ def test_real_time_limit_is_saved_requeued_and_resumed(slurm_env, tmp_path):
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=slurm_env, check=True, timeout=60)
     state = finish(slurm_env, job, run_dir)
     assert int(state["Restarts"]) >= 1, state
-    assert max(losses(run_dir)) == 1000
+    assert max(losses(run_dir)) == 600
     assert set(requeue_causes(run_dir)) == {"time_limit"}
     text = log_text(run_dir)
     assert "received SIGUSR2 (time_limit)" in text and "stop requested (usr2)" in text

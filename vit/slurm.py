@@ -1,10 +1,9 @@
 """What runs on each Slurm node: torchrun for the workers, the stop signal path, and the requeue decision.
 
-One task per node runs `run_node`, whether it was started by submitit (the Hydra launcher) or by
-`srun` in a plain sbatch script (`python -m vit.slurm node ...`). The signal path:
+One task per node (started by submitit for the Hydra launcher) runs a `NodeAgent`. The signal path:
 
   Slurm --signal=USR2@lead (time limit; preemption with preempt_send_user_signal)
-    -> every process of the step, and this agent, which forwards USR2 to its torchrun group
+    -> this agent (and maybe other processes of the step), which forwards USR2 to every process under torchrun
     -> torchrun itself ignores USR2 (its elastic agent would die of it; it handles only TERM/INT/HUP/QUIT)
     -> each worker's handler sets a flag; the ranks all-reduce it at the next step boundary,
        all save the same step, and exit 0
@@ -16,7 +15,6 @@ shielded from USR2 and so that a crash of the workers never takes the agent's de
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -62,6 +60,25 @@ def torchrun_command(worker: list[str], procs_per_node: int) -> list[str]:
         f"--rdzv-id={job_id}", "--max-restarts=0",
         *worker,
     ]
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid`, from /proc (Slurm nodes are Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # exited meanwhile
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
 
 
 # --- requeue policy -----------------------------------------------------------------------------
@@ -139,10 +156,9 @@ class NodeAgent:
         print(f"[vit.slurm job {self.job_id} node {self.node_id}] {message}", flush=True)
 
     def _on_signal(self, signum, frame) -> None:
-        # Only flags and a kill(2) here; the squeue call and logging happen in the wait loop.
+        # Only flags here; forwarding, the squeue call and logging happen in the wait loop.
         if self.stop_kind is None:
             self.stop_kind, self.stop_time = ("usr2" if signum == signal.SIGUSR2 else "term"), time.monotonic()
-        self._forward()
 
     def _note_stop(self) -> None:
         if self.node_id == 0:  # classified once, while the job still runs: squeue knows its time left
@@ -151,9 +167,15 @@ class NodeAgent:
                  "asking the workers to checkpoint and stop")
 
     def _forward(self) -> None:
+        """USR2 to torchrun's whole tree: its workers run in sessions of their own, so a process-group
+        signal would miss them, and Slurm's --signal may reach only this task."""
         self.last_forward = time.monotonic()
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGUSR2)  # workers turn USR2 into a coordinated stop
+            for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGUSR2)  # workers turn USR2 into a coordinated stop
+                except ProcessLookupError:
+                    pass
 
     def run(self) -> int:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
@@ -177,10 +199,11 @@ class NodeAgent:
             time.sleep(0.5)
             if self.stop_kind is not None and not noted:
                 noted = True
+                self._forward()
                 self._note_stop()
             # Workers that were still starting when the signal came ignored it (they inherit the
             # shield until their handler is installed): repeat it until they have all stopped.
-            if self.stop_kind is not None and time.monotonic() - self.last_forward >= 5:
+            elif self.stop_kind is not None and time.monotonic() - self.last_forward >= 5:
                 self._forward()
         if self.stop_time is not None:
             if not noted:
@@ -225,23 +248,3 @@ class NodeAgent:
         self.log(f"not requeueing: {reason}")
         self.journal.write("agent_exit", status.get("step"), state=status.get("state"), reason=reason)
         return 0 if status.get("state") == "completed" else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vit.slurm", description="Slurm node agent")
-    sub = parser.add_subparsers(dest="command", required=True)
-    node = sub.add_parser("node", help="run torchrun on this node, then requeue if the run stopped early")
-    node.add_argument("--run-dir", required=True)
-    node.add_argument("--procs-per-node", type=int, default=1)
-    node.add_argument("--max-requeues", type=int, default=20)
-    node.add_argument("--crash-loop-limit", type=int, default=3)
-    node.add_argument("--signal-lead-s", type=float, default=300)
-    node.add_argument("worker", nargs=argparse.REMAINDER, help="-- the worker script and its arguments")
-    args = parser.parse_args(argv)
-    worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
-    return NodeAgent(worker, args.run_dir, args.procs_per_node, args.max_requeues, args.crash_loop_limit,
-                     args.signal_lead_s).run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
