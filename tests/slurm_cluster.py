@@ -12,7 +12,7 @@ Typical use in a test::
 Facts about Slurm 22.05 these helpers account for:
 
 * A requeued job waits PENDING with ``Reason=BeginTime`` for about 2 minutes
-  (the credential lifetime). ``wait_job``/``wait_running`` release it with
+  (the credential lifetime). ``wait_job`` releases it with
   ``scontrol update JobId=N StartTime=now`` so tests do not sit idle.
 * There is no slurmdbd, so ``sacct`` does not work; job state comes from
   ``scontrol show job``, which keeps finished jobs for MinJobAge=3600 s.
@@ -231,31 +231,6 @@ def wait_job(
                 f"{_short(state)}\n{dump_logs(env, log_files)}"
             )
         time.sleep(poll)
-
-
-def wait_running(
-    job_id: int,
-    env: Mapping[str, str],
-    timeout: float = 120,
-    release_held: bool = True,
-    log_files: Iterable[str | os.PathLike] = (),
-) -> dict[str, str]:
-    """Waits until the job is RUNNING; fails early if it ends first."""
-    log_files = list(log_files)
-    state = wait_job(
-        job_id,
-        env,
-        states={"RUNNING"} | TERMINAL_STATES,
-        timeout=timeout,
-        release_held=release_held,
-        log_files=log_files,
-        poll=0.5,
-    )
-    if state.get("JobState") != "RUNNING":
-        raise AssertionError(
-            f"job {job_id} ended before running: {_short(state)}\n{dump_logs(env, log_files)}"
-        )
-    return state
 
 
 def _short(state: Mapping[str, str]) -> str:
