@@ -131,7 +131,7 @@ def build_ours(args, name: str, row: Row, world):
     model.train()
 
     def step(x, y):
-        train_step(model, optimizer, [(x, y)], world.device, "softmax", 0.0, grad_clip=1.0)
+        train_step(model, optimizer, [(x, y)], world.device, grad_clip=1.0)
     return step, model, optimizer
 
 

@@ -18,8 +18,8 @@ TINY = [
 
 
 def run_job(run_dir: Path, *overrides: str, nproc: int = 1, env: dict | None = None, timeout: float = 300,
-            check: bool = True, script: str = "jobs/pretrain.py") -> subprocess.CompletedProcess:
-    args = [f"run_dir={run_dir}", *TINY, *overrides]
+            check: bool = True, script: str = "jobs/pretrain.py", tiny: bool = True) -> subprocess.CompletedProcess:
+    args = [f"run_dir={run_dir}", *(TINY if tiny else []), *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(ROOT / script), *args]

@@ -13,7 +13,9 @@ Facts about Slurm 22.05 these helpers account for:
 
 * A requeued job waits PENDING with ``Reason=BeginTime`` for about 2 minutes
   (the credential lifetime). ``wait_job`` releases it with
-  ``scontrol update JobId=N StartTime=now`` so tests do not sit idle.
+  ``scontrol update JobId=N StartTime=now`` so tests do not sit idle, but only a
+  few seconds after the requeue: a relaunch within the second of the requeue is
+  killed as "non-startable batch job: Job credential revoked" and ends FAILED.
 * There is no slurmdbd, so ``sacct`` does not work; job state comes from
   ``scontrol show job``, which keeps finished jobs for MinJobAge=3600 s.
 """
@@ -21,6 +23,7 @@ Facts about Slurm 22.05 these helpers account for:
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -218,12 +221,18 @@ def wait_job(
     wanted = set(states)
     deadline = time.monotonic() + timeout
     last_release = float("-inf")
+    held_since: float | None = None
     state: dict[str, str] = {}
     while True:
         state = job_state(job_id, env)
         if state.get("JobState") in wanted:
             return state
-        if release_held and time.monotonic() - last_release > 2 and release_if_held(job_id, state, env):
+        held = state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime"
+        held_since = (held_since or time.monotonic()) if held else None
+        # Not at once: slurmctld revokes the job's credential at the requeue, at one-second
+        # resolution, and kills a relaunch within that second ("Job credential revoked").
+        if (release_held and held and time.monotonic() - held_since > 3 and time.monotonic() - last_release > 2
+                and release_if_held(job_id, state, env)):
             last_release = time.monotonic()
         if time.monotonic() > deadline:
             raise AssertionError(
@@ -275,3 +284,23 @@ def dump_logs(env: Mapping[str, str], extra_files: Iterable[str | os.PathLike] =
     for path in [*logs, *map(str, extra_files)]:
         parts.append(f"===== {path} (last {lines} lines) =====\n{_tail(path, lines)}")
     return "\n".join(parts)
+
+
+def wait_for_step(run_dir: Path, step: int, env, job: int, timeout: float = 180, log_files=None) -> None:
+    """Until the job has logged `step` to <run_dir>/metrics.jsonl."""
+    from helpers import losses
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+            return
+        if job_state(job, env).get("JobState") in TERMINAL_STATES:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} never reached step {step}\n{dump_logs(env, log_files or [])}")
+
+
+def requeue_causes(run_dir: Path) -> list[str]:
+    """The cause of each requeue the node agent made, oldest first."""
+    path = run_dir / "slurm" / "requeues.jsonl"
+    return [json.loads(line)["cause"] for line in path.read_text().splitlines()] if path.exists() else []

@@ -14,19 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import ROOT, losses
-from slurm_cluster import dump_logs, ensure_cluster, job_state, wait_job
+from slurm_cluster import dump_logs, job_state, requeue_causes, wait_for_step, wait_job
 
 from vit.status import summarize
 
 TINY_SLURM = ["cluster=minicluster", "experiment=smoke", "data.img_size=32", "data.num_samples=512",
               "train.log_every=1", "train.progress=false", "checkpoint.every_steps=10"]
-
-
-@pytest.fixture(scope="module")
-def slurm_env():
-    if not (os.environ.get("CI") == "true" or Path("/usr/sbin/slurmctld").exists()):
-        pytest.skip("Slurm is not installed (CI installs it and never skips)")
-    return ensure_cluster()
 
 
 def submit(env, run_dir: Path, *overrides: str) -> int:
@@ -51,20 +44,6 @@ def finish(env, job: int, run_dir: Path, timeout: float = 420) -> dict:
     state = wait_job(job, env, timeout=timeout, log_files=logs(run_dir))
     assert state["JobState"] == "COMPLETED", f"{state}\n{dump_logs(env, logs(run_dir))}"
     return state
-
-
-def wait_for_step(run_dir: Path, step: int, env, job: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} never reached step {step}\n{dump_logs(env, logs(run_dir))}")
-
-
-def requeue_causes(run_dir: Path) -> list[str]:
-    path = run_dir / "slurm" / "requeues.jsonl"
-    return [json.loads(line)["cause"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +76,7 @@ def test_two_node_job_trains_to_the_end_like_a_local_run(reference, tmp_path):
 def test_usr2_checkpoints_requeues_and_resumes_bitwise(slurm_env, reference, tmp_path):
     run_dir = tmp_path / "signal"
     job = submit(slurm_env, run_dir, "train.steps=60")
-    wait_for_step(run_dir, 15, slurm_env, job)
+    wait_for_step(run_dir, 15, slurm_env, job, log_files=logs(run_dir))
     subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
     state = finish(slurm_env, job, run_dir)
     assert state["Restarts"] == "1", state
@@ -117,9 +96,12 @@ def test_usr2_checkpoints_requeues_and_resumes_bitwise(slurm_env, reference, tmp
 
 def test_real_time_limit_is_saved_requeued_and_resumed(slurm_env, tmp_path):
     run_dir = tmp_path / "timelimit"
-    # A 1-minute limit with USR2 30 s before it: Slurm itself signals the job well before the end.
-    job = submit(slurm_env, run_dir, "train.steps=600", "cluster.time_min=1", "cluster.signal_lead_s=30",
-                 "checkpoint.every_steps=100")  # 600 steps take longer than one 1-minute allocation
+    # A 2-minute limit with USR2 30 s before it: Slurm itself signals the job well before the end.
+    # slurmctld sends the warning once lead + its 30 s check period covers the time left, so a
+    # 1-minute limit could be signalled at start, before any handler exists (not a case that a
+    # multi-hour limit meets).
+    job = submit(slurm_env, run_dir, "train.steps=900", "cluster.time_min=2", "cluster.signal_lead_s=30",
+                 "checkpoint.every_steps=100")  # 900 steps take longer than one 2-minute allocation
     deadline = time.monotonic() + 300
     while not requeue_causes(run_dir) and time.monotonic() < deadline:
         time.sleep(1)
@@ -128,7 +110,7 @@ def test_real_time_limit_is_saved_requeued_and_resumed(slurm_env, tmp_path):
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=slurm_env, check=True, timeout=60)
     state = finish(slurm_env, job, run_dir)
     assert int(state["Restarts"]) >= 1, state
-    assert max(losses(run_dir)) == 600
+    assert max(losses(run_dir)) == 900
     assert set(requeue_causes(run_dir)) == {"time_limit"}
     text = log_text(run_dir)
     assert "received SIGUSR2 (time_limit)" in text and "stop requested (usr2)" in text
@@ -137,7 +119,7 @@ def test_real_time_limit_is_saved_requeued_and_resumed(slurm_env, tmp_path):
 def test_preemption_by_a_higher_priority_partition(slurm_env, tmp_path):
     run_dir = tmp_path / "preempt"
     job = submit(slurm_env, run_dir, "train.steps=120")
-    wait_for_step(run_dir, 10, slurm_env, job)
+    wait_for_step(run_dir, 10, slurm_env, job, log_files=logs(run_dir))
     urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N2", "--exclusive", "-o", str(tmp_path / "urgent.out"),
                              "--wrap", "srun sleep 2"], env=slurm_env, capture_output=True, text=True, timeout=60)
     assert urgent.returncode == 0, urgent.stderr
@@ -164,7 +146,7 @@ def test_crash_loop_stops_requeueing(slurm_env, tmp_path):
 def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, tmp_path):
     run_dir = tmp_path / "kill"
     job = submit(slurm_env, run_dir, "train.steps=60")
-    wait_for_step(run_dir, 25, slurm_env, job)
+    wait_for_step(run_dir, 25, slurm_env, job, log_files=logs(run_dir))
     # SIGKILL the worker on the second node: no handler runs, no checkpoint is written.
     pids = subprocess.run(["pgrep", "-f", f"vit.launch {run_dir}/slurm/config-{job}.yaml"], capture_output=True,
                           text=True).stdout.split()
@@ -237,7 +219,7 @@ def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_pa
 def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path):
     run_dir = tmp_path / "cancel"
     job = submit(slurm_env, run_dir, "train.steps=300")
-    wait_for_step(run_dir, 5, slurm_env, job)
+    wait_for_step(run_dir, 5, slurm_env, job, log_files=logs(run_dir))
     subprocess.run(["scancel", str(job)], env=slurm_env, check=True, timeout=60)
     state = wait_job(job, slurm_env, states={"CANCELLED", "COMPLETED", "FAILED"}, timeout=180, release_held=False,
                      log_files=logs(run_dir))

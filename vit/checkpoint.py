@@ -333,14 +333,10 @@ def _all_ok(ok: int) -> bool:
 
 # --- tools: export and ls -------------------------------------------------------------------------
 
-def export_safetensors(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Consolidate the model of a DCP checkpoint into one safetensors file with timm's names."""
-    from safetensors.torch import save_file
-
-    from vit.model import build_model
-
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """A step-N directory as given, or the newest valid one of a run dir or its checkpoints dir."""
     path = Path(checkpoint)
-    if path.name == "checkpoints" or (path / "checkpoints").is_dir():  # a run dir or its checkpoints dir
+    if path.name == "checkpoints" or (path / "checkpoints").is_dir():
         root = path if path.name == "checkpoints" else path / "checkpoints"
         valid = valid_checkpoints(root)
         if not valid:
@@ -349,19 +345,50 @@ def export_safetensors(checkpoint: str | os.PathLike, out: str | os.PathLike) ->
     problem = problem_with(path)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
+    return path
+
+
+def consolidated_model(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full (unsharded) model state of a pretraining checkpoint on CPU, and its train state.
+    Needs no process group: DCP reads every shard in this process."""
+    from vit.model import build_model
+
+    path = resolve_checkpoint(checkpoint)
     state = json.loads((path / TRAIN_STATE).read_text())
     cfg = state["config"]
     with torch.device("meta"):
         model = build_model(cfg["model"]["name"], num_classes=len(state["classes"]), img_size=cfg["data"]["img_size"])
-    model = model.to_empty(device="cpu")
-    sd = model.state_dict()
+    sd = model.to_empty(device="cpu").state_dict()
     dcp.load({"model": sd}, storage_reader=SafeReader(str(path)), no_dist=True)
+    return sd, state
+
+
+def export_safetensors(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Consolidate the model of a DCP checkpoint into one safetensors file with timm's names."""
+    from safetensors.torch import save_file
+
+    sd, state = consolidated_model(checkpoint)
+    cfg = state["config"]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(out),
               metadata={"model": cfg["model"]["name"], "step": str(state["step"]),
                         "num_classes": str(len(state["classes"])), "img_size": str(cfg["data"]["img_size"])})
     return out
+
+
+def load_pretrained(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Pretrained ViT weights (timm names) from an exported safetensors file or a DCP checkpoint
+    (a step-N directory or a run directory); never through pickle."""
+    path = Path(path)
+    if path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"pretrained: {path} is not a readable safetensors file ({e})") from None
+    return consolidated_model(path)[0]
 
 
 def describe(root: Path) -> list[dict]:

@@ -65,9 +65,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("train.loss", f"unknown loss {cfg.train.loss!r}", "use softmax or sigmoid")
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError("train.precision", f"unknown precision {cfg.train.precision!r}", "use auto, bf16 or fp32")
-    if cfg.data.img_size % VARIANTS[cfg.model.name].patch_size:
-        raise ConfigError("data.img_size", f"{cfg.data.img_size} is not a multiple of the patch size",
-                          f"use a multiple of {VARIANTS[cfg.model.name].patch_size}")
+    validate_schedule(cfg.optim)
+    validate_task(cfg)
     if cfg.checkpoint.keep < 2:
         raise ConfigError("checkpoint.keep", f"{cfg.checkpoint.keep} leaves no fallback",
                           "keep at least 2 checkpoints")
@@ -82,3 +81,43 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                           "lower optim.warmup_steps or raise train.steps/train.epochs")
 
 
+
+
+def validate_schedule(optim) -> None:
+    schedule = optim.get("schedule", "cosine")
+    if schedule not in ("cosine", "step", "poly"):
+        raise ConfigError("optim.schedule", f"unknown schedule {schedule!r}", "use cosine, step or poly")
+    if schedule == "step" and not all(0 < m < 1 for m in optim.get("milestones") or [None]):
+        raise ConfigError("optim.milestones", f"{optim.get('milestones')} are not fractions of the run in (0, 1)",
+                          "set e.g. optim.milestones=[0.889,0.963]")
+    if schedule == "poly" and not (optim.get("power") or 0) > 0:
+        raise ConfigError("optim.power", f"must be positive, got {optim.get('power')}", "set optim.power=1.0")
+
+
+def validate_task(cfg: DictConfig) -> None:
+    """The task's name, its input size against the patch size, block indices, pretrained weights."""
+    from vit.tasks import TASKS
+
+    task = cfg.get("task") or {}
+    name = task.get("name", "classification")
+    if name not in TASKS:
+        raise ConfigError("task.name", f"unknown task {name!r}", f"choose one of {', '.join(TASKS)} (e.g. task=coco)")
+    variant = VARIANTS[cfg.model.name]
+    patch, key = (task.patch_size, "task.patch_size") if name != "classification" else (variant.patch_size, "model")
+    if cfg.data.img_size % patch:
+        raise ConfigError("data.img_size", f"{cfg.data.img_size} is not a multiple of the patch size {patch} ({key})",
+                          f"use a multiple of {patch}")
+    if name == "coco" and cfg.data.img_size % 32:
+        raise ConfigError("data.img_size", f"{cfg.data.img_size} is not a multiple of 32, the detector's coarsest "
+                          "pyramid stride before p6", "use e.g. 1024")
+    for blocks_key in ("global_blocks", "out_blocks"):
+        bad = [i for i in task.get(blocks_key) or [] if not -variant.depth <= i < variant.depth]
+        if bad:
+            raise ConfigError(f"task.{blocks_key}", f"{bad} are outside the {variant.depth} blocks of "
+                              f"{cfg.model.name}", f"use indices 0..{variant.depth - 1}, or null for the default")
+    pretrained = cfg.get("pretrained")
+    if pretrained:
+        from pathlib import Path
+        if not Path(pretrained).exists():
+            raise ConfigError("pretrained", f"{pretrained} does not exist",
+                              "point it at a pretraining run dir, a step-N checkpoint or an exported .safetensors")

@@ -133,20 +133,7 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, sigmoid_head: bool = False) -> None:
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if ".mlp." in f".{name}.":
-                    nn.init.normal_(m.bias, std=1e-6)
-                else:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.proj.weight
-        _trunc_normal(w, std=math.sqrt(1.0 / w[0].numel()))
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        _trunc_normal(self.pos_embed, std=0.02)
+        init_trunk(self)
         _trunc_normal(self.cls_token, std=0.02)
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
@@ -167,6 +154,26 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x)[:, 0])
+
+
+@torch.no_grad()
+def init_trunk(model: nn.Module) -> None:
+    """The scheme above for every linear and norm layer, the patch embedding and `pos_embed` of a
+    ViT (also the dense-prediction trunk in vit/dense.py)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if ".mlp." in f".{name}.":
+                nn.init.normal_(m.bias, std=1e-6)
+            else:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = model.patch_embed.proj.weight
+    _trunc_normal(w, std=math.sqrt(1.0 / w[0].numel()))
+    nn.init.zeros_(model.patch_embed.proj.bias)
+    _trunc_normal(model.pos_embed, std=0.02)
 
 
 def _trunc_normal(t: torch.Tensor, std: float) -> None:

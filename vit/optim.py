@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups, the warmup + cosine schedule, and FSDP2-correct clipping."""
+"""AdamW with weight-decay groups, the learning-rate schedules, and FSDP2-correct clipping."""
 from __future__ import annotations
 
 import math
@@ -49,6 +49,21 @@ def warmup_cosine(step: int, base_lr: float, warmup_steps: int, total_steps: int
         return 0.0 if step >= total_steps - 1 else base_lr
     progress = min((step - warmup_steps) / decay_steps, 1.0)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def learning_rate(step: int, optim_cfg, total_steps: int) -> float:
+    """The LR of `optim.schedule` after a linear warmup (shared by all three):
+      cosine  to exactly 0 (pretraining);
+      step    times `gamma` at each of `milestones` (fractions of the run; ViTDet's COCO recipe);
+      poly    (1 - progress) ** `power` to 0 (mmseg's ADE20K recipe)."""
+    base, warmup, kind = optim_cfg.lr, optim_cfg.warmup_steps, optim_cfg.get("schedule", "cosine")
+    if kind == "cosine" or step < warmup:
+        return warmup_cosine(step, base, warmup, total_steps)
+    if kind == "step":
+        passed = sum(step >= m * total_steps for m in optim_cfg.milestones)
+        return base * optim_cfg.gamma ** passed
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    return base * (1.0 - progress) ** optim_cfg.power
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

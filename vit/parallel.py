@@ -11,21 +11,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
 
 
-def shard_model(model: torch.nn.Module, world: World, precision: str, compile_blocks: bool = False) -> None:
-    """`fully_shard` every transformer block, then the root (embeddings, final norm, head).
+def shard_model(model: torch.nn.Module, world: World, precision: str, compile_blocks: bool = False,
+                blocks: list[torch.nn.Module] | None = None, bf16_root: bool = True) -> None:
+    """`fully_shard` every transformer block (default `model.blocks`), then the root (embeddings,
+    final norm, head; or a task's neck and heads).
 
     bf16 keeps bf16 compute/all-gather but reduces gradients in fp32, so the sharded fp32 master
-    weights see full-precision gradient sums.
+    weights see full-precision gradient sums. `bf16_root=False` leaves the root in fp32: detection
+    and segmentation heads (box regression, RoIAlign, per-pixel losses) are a small share of the
+    FLOPs and are numerically touchy, so only the trunk's blocks run in bf16 there.
     """
-    if precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp = MixedPrecisionPolicy()
-    blocks = list(model.blocks)
+    fp32 = MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else fp32
+    blocks = list(model.blocks if blocks is None else blocks)
     for i, block in enumerate(blocks):
         if compile_blocks:
             block.compile()  # per block: small graphs compile fast and FSDP hooks stay outside them
         # The last block's parameters are needed again at once by backward: resharding them after
         # forward would only add an all-gather.
         fully_shard(block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=world.mesh, mp_policy=mp)
+    fully_shard(model, mesh=world.mesh, mp_policy=mp if bf16_root else fp32)

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from vit.config import total_steps
-from vit.model import build_model, train_flops_per_image
+from vit.tasks import build_task
 
 DEFAULTS = {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
 ADAMW_BYTES_PER_PARAM = 12  # fp32 master weight + exp_avg + exp_avg_sq
@@ -32,10 +32,10 @@ def settings(cfg: DictConfig) -> dict:
     return {k: float(node.get(k)) if node.get(k) is not None else v for k, v in DEFAULTS.items()}
 
 
-def count_params(name: str, num_classes: int, img_size: int) -> tuple[int, int]:
-    """(parameters, parameter tensors) of the model, built on the meta device: exact, no memory."""
+def count_params(cfg: DictConfig) -> tuple[int, int]:
+    """(parameters, parameter tensors) of the task's model, built on the meta device: exact, no memory."""
     with torch.device("meta"):
-        params = list(build_model(name, num_classes, img_size=img_size).parameters())
+        params = list(build_task(cfg).build_model(int(cfg.data.num_classes), fresh=False).parameters())
     return sum(p.numel() for p in params), len(params)
 
 
@@ -50,7 +50,7 @@ def plan(cfg: DictConfig) -> dict:
     gpus = int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)
     steps = total_steps(cfg, int(cfg.data.num_samples))
     batch = int(cfg.train.global_batch)
-    flops_per_image = train_flops_per_image(name, classes, img)
+    flops_per_image = build_task(cfg).flops_per_image(classes)  # fine-tuning: the trunk's share
     total_flops = steps * batch * flops_per_image
     images_per_s = gpus * s["peak_tflops"] * 1e12 * s["mfu"] / flops_per_image
     train_s = total_flops / (gpus * s["peak_tflops"] * 1e12 * s["mfu"])
@@ -60,7 +60,7 @@ def plan(cfg: DictConfig) -> dict:
     time_min = cfg.cluster.get("time_min") if cfg.cluster.get("launcher") == "slurm" else None
     allocations = math.ceil(train_s / (time_min * 60)) if time_min else 1
 
-    params, tensors = count_params(name, classes, img)
+    params, tensors = count_params(cfg)
     ckpt_bytes = ADAMW_BYTES_PER_PARAM * params + STEP_BYTES * tensors
     save_s = ckpt_bytes / (s["fs_gbps"] * 1e9)
     mtbi_s = s["mtbi_hours"] * 3600

@@ -1,6 +1,7 @@
 """What runs on each Slurm node: torchrun for the workers, the stop signal path, and the requeue decision.
 
-One task per node (started by submitit for the Hydra launcher) runs a `NodeAgent`. The signal path:
+One task per node runs a `NodeAgent`: started by submitit for the Hydra launcher, or by `srun` in the
+plain sbatch scripts as `python -m vit.slurm --run-dir DIR -- SCRIPT [ARGS]`. The signal path:
 
   Slurm --signal=USR2@lead (time limit; preemption with preempt_send_user_signal)
     -> this agent (and maybe other processes of the step), which forwards USR2 to every process under torchrun
@@ -15,6 +16,7 @@ shielded from USR2 and so that a crash of the workers never takes the agent's de
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -248,3 +250,25 @@ class NodeAgent:
         self.log(f"not requeueing: {reason}")
         self.journal.write("agent_exit", status.get("step"), state=status.get("state"), reason=reason)
         return 0 if status.get("state") == "completed" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit.slurm", description="Run one node of a Slurm job: torchrun over SCRIPT with the "
+        "rendezvous from the Slurm environment, the stop-signal path, and the requeue decision (node 0).")
+    parser.add_argument("--run-dir", required=True, help="the run directory SCRIPT writes (status.json, checkpoints)")
+    parser.add_argument("--procs-per-node", type=int, default=1, help="ranks on this node (one per GPU)")
+    parser.add_argument("--max-requeues", type=int, default=40, help="time-limit requeues before giving up")
+    parser.add_argument("--crash-loop-limit", type=int, default=3, help="the same failure this often: stop requeueing")
+    parser.add_argument("--signal-lead-s", type=float, default=300, help="the lead of sbatch --signal=USR2@LEAD")
+    parser.add_argument("worker", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...], run by torchrun on every rank")
+    args = parser.parse_args(argv)
+    worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
+    if not worker or "SLURM_JOB_ID" not in os.environ:
+        parser.error("needs -- SCRIPT [ARGS...] and must run inside a Slurm job (srun)")
+    return NodeAgent(worker, args.run_dir, args.procs_per_node, args.max_requeues, args.crash_loop_limit,
+                     args.signal_lead_s).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
-"""The pretraining loop, top to bottom: data, model, optimizer, resume, step, log, checkpoint, stop.
+"""The training loop, top to bottom: data, model, optimizer, resume, step, log, checkpoint, stop.
 
-Runs the same way as one process, under torchrun on one node, or on many Slurm nodes.
+Runs the same way as one process, under torchrun on one node, or on many Slurm nodes; what differs
+between pretraining and fine-tuning (model, loss, evaluation) comes from the task (vit/tasks.py).
 """
 from __future__ import annotations
 
@@ -12,74 +13,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import vit
-from vit.checkpoint import Checkpointer
+from vit.checkpoint import Checkpointer, valid_checkpoints
 from vit.config import accumulation_steps, total_steps
-from vit.data.loader import DataPosition, SeededSamples, build_loader, collate_samples
-from vit.data.sources import DataError, build_source
-from vit.distributed import World, all_reduce_max, all_reduce_sum, barrier, init_distributed
+from vit.data.loader import DataPosition, build_loader
+from vit.data.sources import DataError
+from vit.distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed
 from vit.journal import Journal
 from vit.metrics import MetricsLogger
-from vit.model import build_model, train_flops_per_image
-from vit.optim import build_optimizer, clip_grad_norm_, set_lr, warmup_cosine
+from vit.optim import build_optimizer, clip_grad_norm_, learning_rate, set_lr
 from vit.parallel import resolve_precision, shard_model
 from vit.stop import StopRequest
+from vit.tasks import build_task, classification_loss, write_evaluation
 
 PROCESS_START = time.time()  # close enough to the interpreter's start: this module is imported first
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float) -> torch.Tensor:
-    """Mean over the micro-batch. Sigmoid: per-class binary cross-entropy summed over classes, as big_vision."""
-    logits = logits.float()
-    if kind == "softmax":
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    targets = F.one_hot(labels, logits.shape[-1]).float()
-    if label_smoothing:
-        targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
-
-
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list, device: torch.device,
-               loss_kind: str = "softmax", label_smoothing: float = 0.0, grad_clip: float | None = 1.0):
-    """One optimizer step over this rank's micro-batches; returns (sum of sample losses, grad norm)."""
+               loss_fn=None, grad_clip: float | None = 1.0):
+    """One optimizer step over this rank's micro-batches; returns (sum of sample losses, grad norm).
+    `loss_fn(model, images, targets)` is the task's mean loss over a micro-batch (default: softmax
+    cross-entropy of a classifier)."""
+    loss_fn = loss_fn or (lambda m, x, y: classification_loss(m(x), y))
     loss_sum = torch.zeros((), device=device)
-    for images, labels in micro_batches:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = classification_loss(model(images), labels, loss_kind, label_smoothing)
+    for images, targets in micro_batches:
+        images = images.to(device, non_blocking=True)
+        if isinstance(targets, torch.Tensor):
+            targets = targets.to(device, non_blocking=True)
+        loss = loss_fn(model, images, targets)
         # FSDP averages gradients over ranks, so summing loss/accumulation gives the global-batch mean.
         (loss / len(micro_batches)).backward()
-        loss_sum += loss.detach() * labels.shape[0]
+        loss_sum += loss.detach() * images.shape[0]
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, source, world: World, batch: int, num_workers: int) -> dict:
-    """Top-1/top-5 over the whole val split. Every rank runs the same number of batches (FSDP's
-    all-gathers are collectives), so the last batches are padded and the padding is masked out."""
-    per_rank = -(-len(source) // world.world_size)
-    indices = list(range(world.rank, len(source), world.world_size))
-    keep = torch.tensor([1] * len(indices) + [0] * (per_rank - len(indices)), dtype=torch.bool)
-    indices += [0] * (per_rank - len(indices))
-    loader = torch.utils.data.DataLoader(SeededSamples(source, seed=0), num_workers=num_workers,
-                                         batch_sampler=[[(0, i) for i in indices[j:j + batch]]
-                                                        for j in range(0, per_rank, batch)],
-                                         collate_fn=collate_samples)
-    counts = torch.zeros(3, device=world.device)  # top-1 hits, top-5 hits, samples
-    model.eval()
-    for j, (images, labels, _, _) in enumerate(loader):
-        mask = keep[j * batch: j * batch + len(labels)].to(world.device)
-        top5 = model(images.to(world.device)).topk(min(5, model.num_classes), dim=-1).indices
-        hits = top5 == labels.to(world.device)[:, None]
-        counts += torch.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum()]).float()
-    model.train()
-    counts = all_reduce_sum(counts)
-    return {"val_top1": (counts[0] / counts[2]).item(), "val_top5": (counts[1] / counts[2]).item()}
 
 
 def train(cfg: DictConfig, progress: dict | None = None) -> dict:
@@ -95,8 +65,9 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     # The first start indexes the dataset: one process per node walks it, the others reuse its cache.
     if world.local_rank != 0:
         barrier()
-    source = build_source(cfg.data, "train", cache_dir=str(run_dir))
-    val_source = build_source(cfg.data, "val", cache_dir=str(run_dir)) if cfg.train.eval_every else None
+    task = build_task(cfg)
+    source = task.source("train", str(run_dir))
+    val_source = task.source("val", str(run_dir)) if cfg.train.eval_every else None
     if world.local_rank == 0:
         barrier()
     num_classes = len(source.classes)
@@ -108,13 +79,13 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    fresh = not valid_checkpoints(run_dir / "checkpoints", warn=False)  # fine-tuning: load pretrained weights
     with device:
-        model = build_model(cfg.model.name, num_classes, img_size=cfg.data.img_size,
-                            drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing,
-                            sigmoid_head=cfg.train.loss == "sigmoid")
-    shard_model(model, world, precision, compile_blocks=cfg.model.compile)
+        model = task.build_model(num_classes, fresh)
+    shard_model(model, world, precision, compile_blocks=cfg.model.compile, blocks=task.blocks(model),
+                bf16_root=task.bf16_root)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                fused=device.type == "cuda")
+                                fused=device.type == "cuda", lr_scale=task.lr_scale(model))
 
     # --- resume ----------------------------------------------------------------------------------
     journal = Journal(run_dir, enabled=main)
@@ -135,7 +106,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         if main:
             print(f"run {run_dir} is already complete ({step}/{steps} steps); nothing to do", flush=True)
         return {"state": "completed", "step": step, "total_steps": steps}
-    flops_per_image = train_flops_per_image(cfg.model.name, num_classes, cfg.data.img_size)
+    flops_per_image = task.flops_per_image(num_classes)
     journal.write("train_start", step, total_steps=steps, world_size=world.world_size, device=str(device),
                   global_batch=global_batch, flops_per_image=flops_per_image, startup_s=time.time() - PROCESS_START)
     if main:
@@ -162,13 +133,13 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     loss_sum = torch.zeros((), device=device)  # stays on device: no host sync until a log step
     window_steps, window_bad, example_bad, started, stop_kind = 0, 0, "", time.time(), None
     while step < steps:
-        lr = warmup_cosine(step, cfg.optim.lr, cfg.optim.warmup_steps, steps)
+        lr = learning_rate(step, cfg.optim, steps)
         set_lr(optimizer, lr)
         micro_batches = [next(batches) for _ in range(accum)]
         window_bad += sum(b[2] for b in micro_batches)
         example_bad = example_bad or next((b[3] for b in micro_batches if b[3]), "")
         step_loss, grad_norm = train_step(model, optimizer, [(b[0], b[1]) for b in micro_batches], device,
-                                          cfg.train.loss, cfg.train.label_smoothing, cfg.train.grad_clip)
+                                          task.loss, cfg.train.grad_clip)
         loss_sum += step_loss
         step += 1
         progress["step"] = step
@@ -208,10 +179,14 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         elif ckpt.pending is not None and not saving:
             ckpt.finish()
         if val_source is not None and not stop_kind and (step % cfg.train.eval_every == 0 or step == steps):
-            accuracy = evaluate(model, val_source, world, micro_batch, cfg.data.num_workers)
+            model.eval()
+            metrics = task.evaluate(model, val_source, world)
+            model.train()
             if main:
-                logger.write({"step": step, **accuracy})
-                journal.write("evaluation", step, **accuracy)
+                scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                write_evaluation(run_dir, step, metrics)
+                logger.write({"step": step, **scalars})
+                journal.write("evaluation", step, **scalars)
         if stop_kind:
             break
     ckpt.finish()

@@ -13,9 +13,10 @@ so a sample is augmented identically whichever rank or worker loads it, before o
 from __future__ import annotations
 
 import hashlib
+import numbers
 import random
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -23,13 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class Source(Protocol):
-    """A map-style image source. `load` must draw all its randomness from `rng`."""
+    """A map-style image source. `load` must draw all its randomness from `rng`; its target is a class
+    index, a label map or a dict of detection targets."""
 
     classes: list[str]
 
     def __len__(self) -> int: ...
 
-    def load(self, index: int, rng: random.Random) -> tuple[torch.Tensor, int]: ...
+    def load(self, index: int, rng: random.Random) -> tuple[torch.Tensor, Any]: ...
 
 
 @dataclass
@@ -109,9 +111,20 @@ class SeededSamples(Dataset):
 
 
 def collate_samples(items):
-    images, labels, bad, first_bad = zip(*items)
-    return (torch.stack(images), torch.tensor(labels, dtype=torch.long), sum(bad),
-            next((b for b in first_bad if b), ""))
+    """(images, targets, bad count, first bad). Classification gives a batch tensor and a label tensor;
+    eval-size images, box dicts and full-resolution label maps of different sizes stay lists."""
+    images, targets, bad, first_bad = zip(*items)
+    if all(isinstance(t, numbers.Integral) for t in targets):
+        targets = torch.tensor(targets, dtype=torch.long)
+    else:
+        targets = _stack_or_list(targets)
+    return _stack_or_list(images), targets, sum(bad), next((b for b in first_bad if b), "")
+
+
+def _stack_or_list(items):
+    if all(isinstance(x, torch.Tensor) and x.shape == items[0].shape for x in items):
+        return torch.stack(items)
+    return list(items)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -1,7 +1,12 @@
 """The image source named by the `data` config, and a cheap check of that config before submitting.
 
-    format: synthetic | imagefolder | shards            (required)
+    format: synthetic | imagefolder | shards | coco | ade20k   (required)
     synthetic:  num_samples, num_classes, img_size, seed (0), val_samples (256)
+    coco:       root (with train2017/, val2017/, annotations/), img_size (canvas side),
+                scale_range (large-scale jitter, [0.1, 2.0]), mean, std; see vit/data/coco.py
+    ade20k:     root (the ADEChallengeData2016 directory), img_size (crop side),
+                resize ([512, 2048]: short and long side at ratio 1), ratio_range ([0.5, 2.0]),
+                cat_max_ratio (0.75), mean, std; see vit/data/ade20k.py
     real data:  root           train ImageFolder tree or shard directory
                 val_root       optional val data in the same format, labelled by root's classes
                                (e.g. the ImageNet-1k val tree for ImageNet-21k training)
@@ -23,15 +28,17 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
+from vit.data.ade20k import ADE20K, check_ade20k
+from vit.data.coco import CocoDetection, check_coco
 from vit.data.imagefolder import DataError, ImageFolder, check_classes, list_class_dirs
 from vit.data.loader import Source
 from vit.data.shards import Shards, list_shards, read_classes
 from vit.data.synthetic import SyntheticImages
-from vit.data.transforms import build_transform
+from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 
 __all__ = ["DataError", "Subset", "build_source", "check_data", "holdout_mask"]
 
-FORMATS = ("synthetic", "imagefolder", "shards")
+FORMATS = ("synthetic", "imagefolder", "shards", "coco", "ade20k")
 
 
 class Subset:
@@ -73,6 +80,8 @@ def build_source(data_cfg: Mapping, split: str, cache_dir: str | None = None) ->
             return SyntheticImages(data_cfg["num_samples"], num_classes, img_size, seed)
         return SyntheticImages(data_cfg.get("val_samples", 256), num_classes, img_size, seed,
                                first_index=data_cfg["num_samples"])
+    if fmt in ("coco", "ade20k"):
+        return _dense_source(fmt, data_cfg, split)
 
     root, val_root, fraction = _require(data_cfg, "root"), data_cfg.get("val_root"), _val_fraction(data_cfg)
     transform = build_transform(data_cfg, train=split == "train")
@@ -97,6 +106,10 @@ def check_data(data_cfg: Mapping) -> None:
             _require(data_cfg, key)
         return
     _require(data_cfg, "img_size")
+    if fmt in ("coco", "ade20k"):
+        _dense_options(fmt, data_cfg)
+        (check_coco if fmt == "coco" else check_ade20k)(_require(data_cfg, "root"))
+        return
     try:
         build_transform(data_cfg, train=True)
     except ValueError as e:  # its messages name the key
@@ -111,6 +124,38 @@ def check_data(data_cfg: Mapping) -> None:
         if missing:
             raise DataError(f"data.val_root: {val_root} has {len(missing)} classes that data.root lacks "
                             f"(e.g. {missing[0]}); use val data of the same classes")
+
+
+def _dense_source(fmt: str, data_cfg: Mapping, split: str):
+    """COCO or ADE20K: their own splits (train2017/val2017, training/validation), train-time
+    augmentation on the train split only."""
+    root, img_size = _require(data_cfg, "root"), int(_require(data_cfg, "img_size"))
+    cls = CocoDetection if fmt == "coco" else ADE20K
+    return cls(root, split, img_size, train=split == "train", **_dense_options(fmt, data_cfg))
+
+
+def _dense_options(fmt: str, data_cfg: Mapping) -> dict:
+    options = {"mean": tuple(data_cfg.get("mean", IMAGENET_MEAN)), "std": tuple(data_cfg.get("std", IMAGENET_STD))}
+    if fmt == "coco":
+        options["scale_range"] = _range(data_cfg, "scale_range", (0.1, 2.0))
+        return options
+    options["ratio_range"] = _range(data_cfg, "ratio_range", (0.5, 2.0))
+    options["scale"] = tuple(int(v) for v in _range(data_cfg, "resize", (512, 2048)))  # order-free, as mmcv's
+    options["cat_max_ratio"] = float(data_cfg.get("cat_max_ratio", 0.75))
+    if not 0 < options["cat_max_ratio"] <= 1:
+        raise DataError(f"data.cat_max_ratio: {options['cat_max_ratio']} is outside (0, 1]; 1 disables it")
+    return options
+
+
+def _range(data_cfg: Mapping, key: str, default: tuple[float, float]) -> tuple[float, float]:
+    value = data_cfg.get(key, default)
+    try:
+        lo, hi = map(float, value)
+    except (TypeError, ValueError):
+        raise DataError(f"data.{key}: expected [low, high], got {value!r}") from None
+    if not 0 < lo <= hi:
+        raise DataError(f"data.{key}: [{lo}, {hi}] needs 0 < low <= high")
+    return lo, hi
 
 
 def _format(data_cfg: Mapping) -> str:

@@ -1,0 +1,15 @@
+"""Fine-tune a pretrained ViT: `python jobs/finetune.py task=coco|ade20k pretrained=PATH [overrides]`,
+with `-m cluster=sg_h100` on Slurm (or `sbatch sbatch/finetune_<task>.sh`)."""
+import hydra
+from omegaconf import DictConfig
+
+import vit.launch
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+def main(cfg: DictConfig):
+    return vit.launch.main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+# Shared by sbatch/finetune_*.sh (sourced there, never run alone): settings from the environment,
+# output into the run directory, and one node agent per node (vit/slurm.py). The agent starts
+# torchrun with the rendezvous on the first node, turns the USR2 of --signal (time limit or
+# preemption) into a coordinated checkpoint-and-stop of every rank, and on node 0 requeues the job
+# (scontrol requeue). The requeued job runs this script again and resumes from the newest checkpoint.
+#
+# Settings (environment variables; sbatch passes the submitting shell's environment on):
+#   RUN_DIR         run directory                   [runs/<task>] (relative: to the submit dir)
+#   DATA_ROOT       dataset root                    [the data config's default, from $COCO_ROOT / $ADE20K_ROOT]
+#   PRETRAINED      pretrained weights: a pretraining run dir, a step-N checkpoint or an exported
+#                   .safetensors file               [$VIT_PRETRAINED, else none: train from scratch]
+#   VIT_OVERRIDES   extra Hydra overrides, separated by spaces, e.g. "train.steps=90000 cluster.max_requeues=60"
+#                   (each word is one argument; nothing is evaluated by the shell)
+#   PROCS_PER_NODE  ranks per node                  [the GPUs Slurm gave the node, else 1]
+#   MAX_REQUEUES    time-limit requeues allowed     [40]
+#   SIGNAL_LEAD_S   the lead of --signal=USR2@LEAD  [300]
+#   PYTHON          interpreter with the project installed [python3]
+#   VIT_HOME        the repository                  [the one holding the submitted script]
+
+gpus_on_node() {  # SLURM_GPUS_ON_NODE when GPUs are allocated; --gpus-per-node may read "h100:8"
+  local n="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
+  n="${n##*:}"
+  [[ "$n" =~ ^[0-9]+$ && "$n" -gt 0 ]] && echo "$n" || echo 1
+}
+
+# vit_finetune TASK: fine-tune on TASK (a conf/task config) with the settings above.
+vit_finetune() {
+  local task="$1"
+  set -f  # VIT_OVERRIDES words are arguments, never globs
+  local run_dir="${RUN_DIR:-runs/$task}"
+  [[ "$run_dir" = /* ]] || run_dir="$SLURM_SUBMIT_DIR/$run_dir"
+  local -a args=("task=$task" "run_dir=$run_dir")
+  [[ -n "${DATA_ROOT:-}" ]] && args+=("data.root=$DATA_ROOT")
+  [[ -n "${PRETRAINED:-}" ]] && args+=("pretrained=$PRETRAINED")
+  local -a extra
+  read -r -a extra <<< "${VIT_OVERRIDES:-}"
+  args+=("${extra[@]}")
+
+  mkdir -p "$run_dir/slurm"
+  echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): output continues in $run_dir/slurm/"
+  exec >>"$run_dir/slurm/job-$SLURM_JOB_ID.out" 2>&1
+  echo "== $(date -Is) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST: $task ${args[*]}"
+  cd "$VIT_HOME"
+  # One agent per node; without B: in --signal, Slurm sends USR2 to each of them.
+  srun --ntasks-per-node=1 --kill-on-bad-exit=1 --open-mode=append \
+    --output="$run_dir/slurm/job-$SLURM_JOB_ID-node%n.out" \
+    "${PYTHON:-python3}" -m vit.slurm --run-dir "$run_dir" --procs-per-node "${PROCS_PER_NODE:-$(gpus_on_node)}" \
+    --max-requeues "${MAX_REQUEUES:-40}" --signal-lead-s "${SIGNAL_LEAD_S:-300}" \
+    -- jobs/finetune.py "${args[@]}"
+}

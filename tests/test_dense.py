@@ -1,0 +1,160 @@
+"""The dense-prediction trunk loads pretraining weights, attends in windows, and feeds a ViTDet detector."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit.dense import (DenseViT, dense_flops_per_image, layer_decay_scales, pi_resize_patch_kernel,
+                       window_partition, window_unpartition)
+from vit.detection import build_detector
+from vit.model import VARIANTS, Variant, VisionTransformer, build_model, resample_pos_embed, train_flops_per_image
+
+TINY = Variant(16, 32, 4, 2, 64)
+
+
+def test_pi_resized_kernel_gives_the_same_embedding_on_the_upsampled_patch():
+    torch.manual_seed(0)
+    w = torch.randn(8, 3, 14, 14)
+    w16 = pi_resize_patch_kernel(w, 16)
+    assert w16.shape == (8, 3, 16, 16) and w16.dtype == w.dtype
+    x = torch.randn(5, 3, 14, 14)
+    x16 = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=False)
+    torch.testing.assert_close(torch.einsum("bchw,dchw->bd", x16, w16), torch.einsum("bchw,dchw->bd", x, w),
+                               atol=1e-4, rtol=1e-4)
+    assert pi_resize_patch_kernel(w, 14) is w
+
+
+def test_window_partition_round_trip_with_padding():
+    x = torch.randn(2, 10, 10, 6)
+    windows, padded = window_partition(x, 4)
+    assert windows.shape == (2 * 9, 16, 6) and padded == (12, 12)
+    assert windows[-1].reshape(4, 4, 6)[2:].abs().sum() == 0  # the last window is half padding
+    assert torch.equal(window_unpartition(windows, 4, padded, (10, 10)), x)
+
+
+def test_one_window_over_the_whole_grid_is_global_attention():
+    torch.manual_seed(0)
+    glob = DenseViT(TINY, img_size=128, patch_size=16).eval()
+    win = DenseViT(TINY, img_size=128, patch_size=16, window_size=8).eval()
+    win.load_state_dict(glob.state_dict())
+    win.set_grad_checkpointing()
+    assert all(b.grad_checkpointing for b in win.blocks)
+    x = torch.randn(2, 3, 128, 128)
+    torch.testing.assert_close(win(x)[0], glob(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_windows_that_do_not_divide_the_grid_and_out_blocks():
+    torch.manual_seed(0)
+    model = DenseViT(TINY, img_size=160, patch_size=16, window_size=4, global_blocks=(1,), out_blocks=(0, -1),
+                     drop_path_rate=0.1)
+    assert model.grid == 10 and [b.window for b in model.blocks] == [4, 0, 4, 4]
+    assert [b.drop_path_rate for b in model.blocks] == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])
+    outs = model(torch.randn(2, 3, 160, 160))
+    assert [o.shape for o in outs] == [(2, 32, 10, 10)] * 2 and not torch.equal(outs[0], outs[1])
+    outs[1].sum().backward()
+    assert model.pos_embed.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="multiple"):
+        DenseViT(TINY, img_size=100, patch_size=16)
+    with pytest.raises(ValueError, match="out of range"):
+        DenseViT(TINY, img_size=160, patch_size=16, out_blocks=(4,))
+
+
+def test_load_pretrained_drops_the_class_token_and_resamples_the_grid():
+    pretrained = build_model("vit_tiny_patch16", num_classes=5, img_size=224).state_dict()
+    model = DenseViT(VARIANTS["vit_tiny_patch16"], img_size=128, patch_size=16, window_size=4, global_blocks=(5, 11))
+    model.load_pretrained(pretrained)
+    own = model.state_dict()
+    for key, value in own.items():
+        if key.startswith(("blocks.", "patch_embed.")):
+            assert torch.equal(value, pretrained[key]), key
+    assert own["pos_embed"].shape == (1, 64, 192)
+    torch.testing.assert_close(own["pos_embed"], resample_pos_embed(pretrained["pos_embed"], (8, 8))[:, 1:])
+    pretrained["pos_embed"] = torch.full_like(pretrained["pos_embed"], 0.5)
+    model.load_pretrained(pretrained)
+    torch.testing.assert_close(model.pos_embed, torch.full_like(model.pos_embed, 0.5))
+
+
+def test_load_pretrained_from_patch_14_uses_the_pseudo_inverse_kernel():
+    torch.manual_seed(0)
+    source = VisionTransformer(Variant(14, 32, 2, 2, 64), num_classes=0, img_size=112)
+    source.init_weights()
+    model = DenseViT(Variant(16, 32, 2, 2, 64), img_size=128, patch_size=16)
+    model.load_pretrained(source.state_dict())
+    torch.testing.assert_close(model.patch_embed.proj.weight, pi_resize_patch_kernel(source.patch_embed.proj.weight, 16))
+    # An image whose patches are each upsampled 14 -> 16 has the original's patch embeddings. (Upsampling
+    # the whole image instead blends neighbouring patches at their borders: close, not exact.)
+    x = torch.randn(1, 3, 112, 112)
+    patches = x.unfold(2, 14, 14).unfold(3, 14, 14).permute(0, 2, 3, 1, 4, 5).reshape(64, 3, 14, 14)
+    patches = F.interpolate(patches, size=(16, 16), mode="bilinear", align_corners=False, antialias=False)
+    up = patches.reshape(1, 8, 8, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model.patch_embed(up), source.patch_embed(x), atol=1e-4, rtol=1e-4)
+
+
+def test_load_pretrained_rejects_missing_and_mismatched_weights_in_one_line():
+    pretrained = build_model("vit_tiny_patch16", num_classes=0, img_size=224).state_dict()
+    model = DenseViT(VARIANTS["vit_tiny_patch16"], img_size=128, patch_size=16)
+    del pretrained["blocks.3.mlp.fc1.weight"]
+    with pytest.raises(ValueError, match="missing: blocks.3.mlp.fc1.weight") as err:
+        model.load_pretrained(pretrained)
+    assert "\n" not in str(err.value)
+    wide = DenseViT(Variant(16, 64, 12, 2, 64), img_size=128, patch_size=16)
+    with pytest.raises(ValueError, match=r"mismatched: pos_embed .*patch_embed.proj.weight \(192, 3, 16, 16\) vs \(64, 3, 16, 16\)") as err:
+        wide.load_pretrained(build_model("vit_tiny_patch16", num_classes=0).state_dict())
+    assert "\n" not in str(err.value) and " ..." in str(err.value)
+    shallow = DenseViT(Variant(16, 192, 11, 3, 768), img_size=128, patch_size=16)
+    with pytest.raises(ValueError, match="unexpected: blocks.11"):
+        shallow.load_pretrained(build_model("vit_tiny_patch16", num_classes=0).state_dict())
+
+
+def test_layer_decay_scales():
+    model = torch.nn.ModuleDict({"trunk": DenseViT(TINY, img_size=64, patch_size=16), "head": torch.nn.Linear(4, 2)})
+    scales = layer_decay_scales(model, "trunk.", depth=4, decay=0.5)
+    assert scales["trunk.patch_embed.proj.weight"] == scales["trunk.pos_embed"] == 0.5**5
+    for i in range(4):
+        assert scales[f"trunk.blocks.{i}.attn.qkv.weight"] == 0.5 ** (4 - i)
+    assert scales["head.weight"] == scales["head.bias"] == 1.0
+    assert set(scales) == {name for name, _ in model.named_parameters()}
+
+
+def test_dense_flops():
+    v = VARIANTS["vit_tiny_patch16"]
+    glob = dense_flops_per_image(v, 224, 16, 0, ())
+    # vit.model counts one more token (the class token) and the head, nothing else.
+    n, d, m = 196, v.embed_dim, v.mlp_dim
+    cls_token = v.depth * (4 * d * d + 2 * d * m + 2 * (2 * n + 1) * d)
+    assert train_flops_per_image("vit_tiny_patch16", num_classes=0) - glob == 6 * cls_token
+    assert dense_flops_per_image(v, 224, 16, 14, ()) == glob
+    assert dense_flops_per_image(v, 224, 16, 5, (2, 5, 8, 11)) < glob
+    # By hand: grid 2, window 1, one global block of two.
+    t = Variant(4, 2, 2, 1, 3)
+    embed, linear = 4 * 3 * 16 * 2, 4 * (4 * 2 * 2 + 2 * 2 * 3)
+    assert dense_flops_per_image(t, 8, 4, 1, (-1,)) == 6 * (embed + 2 * linear + 2 * 4 * 1 * 2 + 2 * 4 * 4 * 2)
+
+
+def test_vitdet_trains_and_predicts():
+    torch.manual_seed(0)
+    trunk = DenseViT(TINY, img_size=128, patch_size=16, window_size=4, global_blocks=(1, 3))
+    model = build_detector(trunk, num_classes=4, img_size=128, fpn_channels=32, representation_size=64)
+    assert model.trunk is trunk
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(set(names)) and "backbone.trunk.blocks.0.attn.qkv.weight" in names
+    images = torch.randn(2, 3, 128, 128)
+    feats = model.backbone(images)
+    assert list(feats) == ["p2", "p3", "p4", "p5", "p6"]
+    assert [f.shape[-1] for f in feats.values()] == [32, 16, 8, 4, 2] and feats["p2"].shape[1] == 32
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0], [70.0, 5.0, 120.0, 40.0]]),
+                "labels": torch.tensor([1, 3])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    model.train()
+    losses = model(list(images), targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert trunk.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        out = model(list(images))
+    assert len(out) == 2 and all(set(o) == {"boxes", "labels", "scores"} for o in out)
+    assert all(o["boxes"].shape[1] == 4 and len(o["labels"]) == len(o["scores"]) <= 100 for o in out)
+    with pytest.raises(ValueError, match="stride-16"):
+        build_detector(DenseViT(TINY, img_size=112, patch_size=14), num_classes=4, img_size=112)

@@ -1,0 +1,73 @@
+"""Fine-tuning on the two-node Slurm cluster: the plain sbatch scripts submitted exactly as written
+(only sbatch options, i.e. the cluster's shape, and the documented environment variables change),
+and the same job through the Hydra launcher."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from datasets import make_ade20k, make_coco
+from helpers import ROOT, run_job
+from slurm_cluster import dump_logs, requeue_causes, sbatch, wait_for_step, wait_job
+from test_finetune import TINY_ADE, TINY_COCO
+
+from vit.checkpoint import export_safetensors
+
+# What a user of the minicluster changes: 2 CPU-only nodes of 2 cores, a short time limit.
+MINICLUSTER = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G", "--time=15", "--partition=debug"]
+
+
+def job_logs(run_dir):
+    return sorted((run_dir / "slurm").glob("job-*.out"))
+
+
+@pytest.mark.parametrize("task", ["coco", "ade20k"])
+def test_sbatch_script_is_signalled_requeued_and_resumed_to_the_end(slurm_env, tmp_path, task):
+    pretrain = tmp_path / "pretrain"
+    run_job(pretrain, "train.steps=4")
+    if task == "coco":  # both forms of pretrained weights: an export here, the DCP run dir for ADE20K
+        data, tiny = make_coco(tmp_path / "coco", n_train=32, n_val=8), TINY_COCO
+        weights = export_safetensors(pretrain, tmp_path / "vit.safetensors")
+    else:
+        data, tiny = make_ade20k(tmp_path / "ade", n_train=16, n_val=4), TINY_ADE
+        weights = pretrain
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny if not o.startswith("task=")] + [
+        "train.micro_batch=4", "train.steps=40", "train.eval_every=40", "train.log_every=1", "checkpoint.every_steps=10"]
+    env = {**slurm_env, "RUN_DIR": str(run_dir), "DATA_ROOT": str(data), "PRETRAINED": str(weights),
+           "VIT_OVERRIDES": " ".join(overrides), "PYTHON": sys.executable, "SIGNAL_LEAD_S": "60"}
+    job = sbatch([*MINICLUSTER, str(ROOT / "sbatch" / f"finetune_{task}.sh")], env, cwd=tmp_path)
+    wait_for_step(run_dir, 3, slurm_env, job, timeout=300, log_files=[tmp_path / f"vit-{task}-{job}.out"])
+    subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
+    state = wait_job(job, slurm_env, timeout=600, log_files=job_logs(run_dir))
+    text = "\n".join(p.read_text(errors="replace") for p in job_logs(run_dir))
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", f"{state}\n{dump_logs(slurm_env, job_logs(run_dir))}"
+    assert "--nnodes=2" in text and "2 ranks x" in text
+    stopped = re.findall(r"stop requested \(usr2\): checkpoint at step (\d+)", text)
+    assert len(stopped) == 1 and 3 <= int(stopped[0]) < 40, text[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-{stopped[0]}" in text
+    assert requeue_causes(run_dir) == ["preemption"]
+    assert "not requeueing: training completed" in text
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 40
+    evaluation = json.loads((run_dir / "eval" / "latest.json").read_text())
+    assert evaluation["step"] == 40 and ("AP" in evaluation if task == "coco" else "mIoU" in evaluation)
+    # the job's own output went to the run directory, each restart appended
+    assert len(re.findall(rf"== .* job {job} restart \d", (run_dir / "slurm" / f"job-{job}.out").read_text())) == 2
+
+
+def test_finetune_is_submitted_by_the_hydra_launcher_too(slurm_env, tmp_path):
+    data = make_ade20k(tmp_path / "ade", n_train=16, n_val=4)
+    run_dir = tmp_path / "hydra"
+    proc = subprocess.run([sys.executable, "jobs/finetune.py", "-m", "cluster=minicluster", *TINY_ADE,
+                           "cluster.nodes=2", f"data.root={data}", f"run_dir={run_dir}", "train.micro_batch=4",
+                           "train.steps=6", "train.eval_every=6", "optim.warmup_steps=2"],
+                          cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = int(re.search(r"submitted job (\d+)", proc.stdout).group(1))
+    logs = sorted((run_dir / "slurm").glob("*_log.*"))
+    state = wait_job(job, slurm_env, timeout=420, log_files=logs)
+    assert state["JobState"] == "COMPLETED", f"{state}\n{dump_logs(slurm_env, logs)}"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert json.loads((run_dir / "eval" / "latest.json").read_text())["step"] == 6

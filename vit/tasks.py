@@ -1,0 +1,269 @@
+"""What differs between pretraining, COCO detection and ADE20K segmentation, behind one interface.
+
+The training loop (vit/train.py) is the same for all three; a task supplies the model, the loss of
+a micro-batch, what to shard and at which learning-rate scale, and the evaluation:
+
+  classification   ViT + linear head on the class token; top-1/top-5          (jobs/pretrain.py)
+  coco             ViTDet: windowed trunk, simple pyramid, Faster R-CNN; box AP by COCOeval
+  ade20k           trunk at 4 depths, pyramid, UperNet + FCN aux; dataset-level mIoU
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from vit.checkpoint import CheckpointError, load_pretrained
+from vit.data.loader import SeededSamples, collate_samples
+from vit.data.sources import build_source
+from vit.distributed import World, all_reduce_max, all_reduce_sum
+from vit.model import VARIANTS, build_model, train_flops_per_image
+
+
+def eval_batches(source, world: World, batch: int, num_workers: int):
+    """This rank's share of a whole split as (images, targets, keep) batches. Every rank runs the same
+    number of batches (FSDP's all-gathers are collectives): the last ones are padded with sample 0,
+    and `keep` masks the padding out."""
+    per_rank = -(-len(source) // world.world_size)
+    indices = list(range(world.rank, len(source), world.world_size))
+    keep = [True] * len(indices) + [False] * (per_rank - len(indices))
+    indices += [0] * (per_rank - len(indices))
+    loader = torch.utils.data.DataLoader(SeededSamples(source, seed=0), num_workers=num_workers,
+                                         batch_sampler=[[(0, i) for i in indices[j:j + batch]]
+                                                        for j in range(0, per_rank, batch)],
+                                         collate_fn=collate_samples)
+    for j, (images, targets, _, _) in enumerate(loader):
+        yield images, targets, keep[j * batch: j * batch + len(targets)]
+
+
+def spread_blocks(depth: int, count: int = 4) -> list[int]:
+    """Evenly spaced block indices ending at the last: 7, 15, 23, 31 for ViT-H (ViTDet, the issue)."""
+    return [depth * (k + 1) // count - 1 for k in range(count)]
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "softmax",
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over the micro-batch. Sigmoid: per-class binary cross-entropy summed over classes, as big_vision."""
+    logits = logits.float()
+    if kind == "softmax":
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    targets = F.one_hot(labels, logits.shape[-1]).float()
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+
+
+class Task:
+    name = "classification"
+    bf16_root = True  # see vit.parallel.shard_model
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def source(self, split: str, cache_dir: str):
+        return build_source(self.cfg.data, split, cache_dir=cache_dir)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
+    def lr_scale(self, model: nn.Module) -> dict[str, float] | None:
+        return None
+
+
+class Classification(Task):
+    def build_model(self, num_classes: int, fresh: bool) -> nn.Module:
+        cfg = self.cfg
+        return build_model(cfg.model.name, num_classes, img_size=cfg.data.img_size,
+                           drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing,
+                           sigmoid_head=cfg.train.loss == "sigmoid")
+
+    def flops_per_image(self, num_classes: int) -> float:
+        return train_flops_per_image(self.cfg.model.name, num_classes, self.cfg.data.img_size)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return classification_loss(model(images), labels, self.cfg.train.loss, self.cfg.train.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, source, world: World) -> dict:
+        """Top-1/top-5 over the whole val split."""
+        counts = torch.zeros(3, device=world.device)  # top-1 hits, top-5 hits, samples
+        for images, labels, keep in eval_batches(source, world, self.cfg.train.micro_batch, self.cfg.data.num_workers):
+            mask = torch.tensor(keep, device=world.device)
+            top5 = model(images.to(world.device)).topk(min(5, model.num_classes), dim=-1).indices
+            hits = top5 == labels.to(world.device)[:, None]
+            counts += torch.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum()]).float()
+        counts = all_reduce_sum(counts)
+        return {"val_top1": (counts[0] / counts[2]).item(), "val_top5": (counts[1] / counts[2]).item()}
+
+
+class DenseTask(Task):
+    """A pretrained ViT trunk under a dense-prediction head, trained with layer-wise LR decay."""
+    bf16_root = False
+    trunk_prefix = ""
+
+    def trunk_args(self, out_blocks) -> dict:
+        cfg, variant = self.cfg, VARIANTS[self.cfg.model.name]
+        return dict(variant=variant, img_size=cfg.data.img_size, patch_size=cfg.task.patch_size,
+                    window_size=cfg.task.get("window_size", 0), global_blocks=self.global_blocks(),
+                    out_blocks=out_blocks, drop_path_rate=cfg.model.drop_path_rate)
+
+    def global_blocks(self) -> list[int]:
+        if not self.cfg.task.get("window_size"):
+            return []
+        return list(self.cfg.task.get("global_blocks") or spread_blocks(VARIANTS[self.cfg.model.name].depth))
+
+    def build_trunk(self, out_blocks, fresh: bool) -> nn.Module:
+        from vit.dense import DenseViT
+
+        trunk = DenseViT(**self.trunk_args(out_blocks))
+        trunk.set_grad_checkpointing(self.cfg.model.grad_checkpointing)
+        # Only on a fresh start: a resumed run reads its own checkpoint, which supersedes these weights.
+        if fresh and self.cfg.get("pretrained"):
+            try:
+                trunk.load_pretrained(load_pretrained(self.cfg.pretrained))
+            except ValueError as e:
+                raise CheckpointError(f"pretrained: {self.cfg.pretrained} does not fit {self.cfg.model.name} "
+                                      f"({e}); use a checkpoint of the same model") from None
+        return trunk
+
+    def trunk_of(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.trunk_prefix.rstrip("."))
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.trunk_of(model).blocks)
+
+    def lr_scale(self, model: nn.Module) -> dict[str, float]:
+        from vit.dense import layer_decay_scales
+
+        return layer_decay_scales(model, self.trunk_prefix, VARIANTS[self.cfg.model.name].depth,
+                                  self.cfg.task.layer_decay)
+
+    def flops_per_image(self, num_classes: int) -> float:
+        """The trunk's share, which dominates: the MFU shown is a lower bound."""
+        from vit.dense import dense_flops_per_image
+
+        a = self.trunk_args(None)
+        return dense_flops_per_image(a["variant"], a["img_size"], a["patch_size"], a["window_size"],
+                                     a["global_blocks"])
+
+
+class CocoDetection(DenseTask):
+    name = "coco"
+    trunk_prefix = "backbone.trunk."
+
+    def build_model(self, num_classes: int, fresh: bool) -> nn.Module:
+        from vit.detection import build_detector
+
+        t = self.cfg.task
+        return build_detector(self.build_trunk((-1,), fresh), num_classes + 1, self.cfg.data.img_size,
+                              fpn_channels=t.fpn_channels, representation_size=t.representation_size,
+                              box_detections_per_img=t.detections_per_image,
+                              box_batch_size_per_image=t.roi_batch)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        device = images.device
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        return sum(model(list(images), targets).values())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, source, world: World) -> dict:
+        """Box AP by the real COCOeval on the detections of all ranks, gathered to rank 0."""
+        detections = []
+        for images, targets, keep in eval_batches(source, world, self.cfg.train.micro_batch,
+                                                  self.cfg.data.num_workers):
+            for out, target, k in zip(model(list(images.to(world.device))), targets, keep):
+                if not k:
+                    continue
+                boxes = out["boxes"].float().cpu() / target["scale"]  # canvas -> original pixels
+                boxes[:, 2:] -= boxes[:, :2]
+                detections += [{"image_id": target["image_id"], "category_id": source.cat_ids[int(label) - 1],
+                                "bbox": [round(v, 2) for v in box.tolist()], "score": round(float(score), 4)}
+                               for box, label, score in zip(boxes, out["labels"], out["scores"])]
+        gathered = [None] * world.world_size if world.world_size > 1 else [detections]
+        if world.world_size > 1:
+            dist.all_gather_object(gathered, detections)
+        if not world.is_main:
+            return {}
+        return coco_box_ap(source.ann_file, [d for part in gathered for d in part])
+
+
+def coco_box_ap(ann_file: str | Path, detections: list[dict]) -> dict:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; the loop logs the numbers
+        gt = COCO(str(ann_file))
+        if not detections:
+            return {**{k: 0.0 for k in names}, "detections": 0}
+        evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # COCOeval reports -1 where a size range has no ground truth; AP is in [0, 1], shown as %.
+    return {**{k: max(float(v), 0.0) * 100 for k, v in zip(names, evaluator.stats)}, "detections": len(detections)}
+
+
+class ADE20KSegmentation(DenseTask):
+    name = "ade20k"
+    trunk_prefix = "trunk."
+
+    def build_model(self, num_classes: int, fresh: bool) -> nn.Module:
+        from vit.segmentation import Segmenter
+
+        t = self.cfg.task
+        out_blocks = list(t.get("out_blocks") or spread_blocks(VARIANTS[self.cfg.model.name].depth))
+        return Segmenter(self.build_trunk(out_blocks, fresh), num_classes, channels=t.channels,
+                         aux_channels=t.aux_channels, aux_weight=t.aux_weight, ignore_index=t.ignore_index)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return model.loss(model(images), labels.to(images.device))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, source, world: World) -> dict:
+        """mIoU over the whole split: intersections and unions are summed per class over every image
+        and rank, then divided. Sliding windows on the short-side-resized image; logits are resized
+        to the original label."""
+        from vit.segmentation import count_windows, intersect_and_union, slide_inference, summarize
+
+        t, crop, k = self.cfg.task, self.cfg.data.img_size, len(source.classes)
+        totals = torch.zeros(4, k, dtype=torch.float64, device=world.device)
+        for images, labels, keep in eval_batches(source, world, 1, self.cfg.data.num_workers):
+            image, label = images[0], labels[0]
+            batches = math.ceil(count_windows(*image.shape[-2:], crop, t.eval_stride) / t.eval_batch)
+            calls = all_reduce_max([batches], world.device)[0]  # equal model calls on every rank
+            logits = slide_inference(model, image.to(world.device), k, crop, t.eval_stride,
+                                     batch=t.eval_batch, calls=calls)
+            logits = F.interpolate(logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)
+            if keep[0]:
+                totals += intersect_and_union(logits[0].argmax(0), label.to(world.device), k,
+                                              t.ignore_index).to(totals)
+        metrics = summarize(all_reduce_sum(totals).cpu())
+        percent = lambda v: None if v is None else 100 * v  # noqa: E731  (as papers and COCO AP report)
+        return {k: [percent(x) for x in v] if isinstance(v, list) else percent(v) for k, v in metrics.items()}
+
+
+TASKS = {task.name: task for task in (Classification, CocoDetection, ADE20KSegmentation)}
+
+
+def build_task(cfg: DictConfig) -> Task:
+    return TASKS[cfg.get("task", {}).get("name", "classification")](cfg)
+
+
+def write_evaluation(run_dir: Path, step: int, metrics: dict) -> Path:
+    """`<run_dir>/eval/step-N.json` and `eval/latest.json`: the full result, per-class values included."""
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"step": step, **metrics}, indent=1)
+    (out / f"step-{step}.json").write_text(text)
+    (out / "latest.json.tmp").write_text(text)
+    (out / "latest.json.tmp").replace(out / "latest.json")
+    return out / f"step-{step}.json"
