@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import make_ade20k, make_coco
-from helpers import ROOT, run_job
+from helpers import ROOT, losses, run_job
 from omegaconf import OmegaConf
 
 from vit.checkpoint import export_safetensors, load_pretrained
@@ -99,16 +99,21 @@ def test_pretrained_trunk_loads_from_dcp_and_safetensors(pretrained, tmp_path, f
     assert not torch.equal(fresh.backbone.trunk.state_dict()["blocks.0.attn.qkv.weight"], reference["blocks.0.attn.qkv.weight"])
 
 
-def test_finetune_job_starts_from_pretrained_and_resumes_its_own_checkpoint(coco, pretrained, tmp_path):
+@pytest.mark.parametrize("task", ["coco", "ade"])
+def test_finetune_starts_from_pretrained_and_resumes_exactly(request, pretrained, tmp_path, task):
     run_dir = tmp_path / "resume"
-    common = [*TINY_COCO, f"data.root={coco}", f"pretrained={pretrained}", "train.steps=8", "train.eval_every=0", "optim.warmup_steps=2",
-              "checkpoint.every_steps=4", "train.log_every=1"]
+    tiny = TINY_COCO if task == "coco" else TINY_ADE
+    common = [*tiny, f"data.root={request.getfixturevalue(task)}", f"pretrained={pretrained}", "train.steps=8",
+              "train.eval_every=0", "optim.warmup_steps=2", "checkpoint.every_steps=4", "train.log_every=1"]
     first = finetune(run_dir, *common, "train.stop_after_steps=4")
     assert "stop requested (step_limit)" in first.stdout, first.stdout
     second = finetune(run_dir, *common)
     assert f"resumed from {run_dir}/checkpoints/step-4" in second.stdout, second.stdout
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "completed" and status["step"] == 8
+    straight = tmp_path / "straight"  # the same 8 steps without a stop: RNG, data and optimizer resume exactly
+    finetune(straight, *common)
+    assert losses(run_dir) == losses(straight)
 
 
 def test_schedules_and_layer_decay():
