@@ -81,8 +81,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                           "lower optim.warmup_steps or raise train.steps/train.epochs")
 
 
-
-
 def validate_schedule(optim) -> None:
     schedule = optim.get("schedule", "cosine")
     if schedule not in ("cosine", "step", "poly"):

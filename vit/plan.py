@@ -32,10 +32,10 @@ def settings(cfg: DictConfig) -> dict:
     return {k: float(node.get(k)) if node.get(k) is not None else v for k, v in DEFAULTS.items()}
 
 
-def count_params(cfg: DictConfig) -> tuple[int, int]:
+def count_params(task, num_classes: int) -> tuple[int, int]:
     """(parameters, parameter tensors) of the task's model, built on the meta device: exact, no memory."""
     with torch.device("meta"):
-        params = list(build_task(cfg).build_model(int(cfg.data.num_classes), fresh=False).parameters())
+        params = list(task.build_model(num_classes, fresh=False).parameters())
     return sum(p.numel() for p in params), len(params)
 
 
@@ -46,11 +46,11 @@ def overhead(interval_s: float, save_s: float, mtbi_s: float) -> float:
 
 def plan(cfg: DictConfig) -> dict:
     s = settings(cfg)
-    name, classes, img = cfg.model.name, int(cfg.data.num_classes), int(cfg.data.img_size)
+    name, classes, task = cfg.model.name, int(cfg.data.num_classes), build_task(cfg)
     gpus = int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)
     steps = total_steps(cfg, int(cfg.data.num_samples))
     batch = int(cfg.train.global_batch)
-    flops_per_image = build_task(cfg).flops_per_image(classes)  # fine-tuning: the trunk's share
+    flops_per_image = task.flops_per_image(classes)  # fine-tuning: the trunk's share
     total_flops = steps * batch * flops_per_image
     images_per_s = gpus * s["peak_tflops"] * 1e12 * s["mfu"] / flops_per_image
     train_s = total_flops / (gpus * s["peak_tflops"] * 1e12 * s["mfu"])
@@ -60,7 +60,7 @@ def plan(cfg: DictConfig) -> dict:
     time_min = cfg.cluster.get("time_min") if cfg.cluster.get("launcher") == "slurm" else None
     allocations = math.ceil(train_s / (time_min * 60)) if time_min else 1
 
-    params, tensors = count_params(cfg)
+    params, tensors = count_params(task, classes)
     ckpt_bytes = ADAMW_BYTES_PER_PARAM * params + STEP_BYTES * tensors
     save_s = ckpt_bytes / (s["fs_gbps"] * 1e9)
     mtbi_s = s["mtbi_hours"] * 3600

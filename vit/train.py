@@ -79,7 +79,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    fresh = not valid_checkpoints(run_dir / "checkpoints", warn=False)  # fine-tuning: load pretrained weights
+    # Pretrained weights (fine-tuning) only on a fresh start; only then is the checkpoint list read here.
+    fresh = not (cfg.get("pretrained") and valid_checkpoints(run_dir / "checkpoints", warn=False))
     with device:
         model = task.build_model(num_classes, fresh)
     shard_model(model, world, precision, compile_blocks=cfg.model.compile, blocks=task.blocks(model),
