@@ -58,10 +58,10 @@ def test_windows_that_do_not_divide_the_grid_and_out_blocks():
         DenseViT(TINY, img_size=160, patch_size=16, out_blocks=(4,))
 
 
-def test_load_pretrained_drops_the_class_token_and_resamples_the_grid():
+def test_adapt_pretrained_drops_the_class_token_and_resamples_the_grid():
     pretrained = build_model("vit_tiny_patch16", num_classes=5, img_size=224).state_dict()
     model = DenseViT(VARIANTS["vit_tiny_patch16"], img_size=128, patch_size=16, window_size=4, global_blocks=(5, 11))
-    model.load_pretrained(pretrained)
+    model.load_state_dict(model.adapt_pretrained(pretrained))
     own = model.state_dict()
     for key, value in own.items():
         if key.startswith(("blocks.", "patch_embed.")):
@@ -69,16 +69,16 @@ def test_load_pretrained_drops_the_class_token_and_resamples_the_grid():
     assert own["pos_embed"].shape == (1, 64, 192)
     torch.testing.assert_close(own["pos_embed"], resample_pos_embed(pretrained["pos_embed"], (8, 8))[:, 1:])
     pretrained["pos_embed"] = torch.full_like(pretrained["pos_embed"], 0.5)
-    model.load_pretrained(pretrained)
+    model.load_state_dict(model.adapt_pretrained(pretrained))
     torch.testing.assert_close(model.pos_embed, torch.full_like(model.pos_embed, 0.5))
 
 
-def test_load_pretrained_from_patch_14_uses_the_pseudo_inverse_kernel():
+def test_adapt_pretrained_from_patch_14_uses_the_pseudo_inverse_kernel():
     torch.manual_seed(0)
     source = VisionTransformer(Variant(14, 32, 2, 2, 64), num_classes=0, img_size=112)
     source.init_weights()
     model = DenseViT(Variant(16, 32, 2, 2, 64), img_size=128, patch_size=16)
-    model.load_pretrained(source.state_dict())
+    model.load_state_dict(model.adapt_pretrained(source.state_dict()))
     torch.testing.assert_close(model.patch_embed.proj.weight, pi_resize_patch_kernel(source.patch_embed.proj.weight, 16))
     # An image whose patches are each upsampled 14 -> 16 has the original's patch embeddings. (Upsampling
     # the whole image instead blends neighbouring patches at their borders: close, not exact.)
@@ -90,20 +90,20 @@ def test_load_pretrained_from_patch_14_uses_the_pseudo_inverse_kernel():
         torch.testing.assert_close(model.patch_embed(up), source.patch_embed(x), atol=1e-4, rtol=1e-4)
 
 
-def test_load_pretrained_rejects_missing_and_mismatched_weights_in_one_line():
+def test_adapt_pretrained_rejects_missing_and_mismatched_weights_in_one_line():
     pretrained = build_model("vit_tiny_patch16", num_classes=0, img_size=224).state_dict()
     model = DenseViT(VARIANTS["vit_tiny_patch16"], img_size=128, patch_size=16)
     del pretrained["blocks.3.mlp.fc1.weight"]
     with pytest.raises(ValueError, match="missing: blocks.3.mlp.fc1.weight") as err:
-        model.load_pretrained(pretrained)
+        model.adapt_pretrained(pretrained)
     assert "\n" not in str(err.value)
     wide = DenseViT(Variant(16, 64, 12, 2, 64), img_size=128, patch_size=16)
     with pytest.raises(ValueError, match=r"mismatched: pos_embed .*patch_embed.proj.weight \(192, 3, 16, 16\) vs \(64, 3, 16, 16\)") as err:
-        wide.load_pretrained(build_model("vit_tiny_patch16", num_classes=0).state_dict())
+        wide.adapt_pretrained(build_model("vit_tiny_patch16", num_classes=0).state_dict())
     assert "\n" not in str(err.value) and " ..." in str(err.value)
     shallow = DenseViT(Variant(16, 192, 11, 3, 768), img_size=128, patch_size=16)
     with pytest.raises(ValueError, match="unexpected: blocks.11"):
-        shallow.load_pretrained(build_model("vit_tiny_patch16", num_classes=0).state_dict())
+        shallow.adapt_pretrained(build_model("vit_tiny_patch16", num_classes=0).state_dict())
 
 
 def test_layer_decay_scales():

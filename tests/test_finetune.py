@@ -14,6 +14,7 @@ from helpers import ROOT, losses, run_job
 from omegaconf import OmegaConf
 
 from vit.checkpoint import export_safetensors, load_pretrained
+from vit.config import ConfigError, validate_task
 from vit.model import resample_pos_embed
 from vit.optim import learning_rate
 from vit.tasks import build_task
@@ -88,14 +89,16 @@ def test_pretrained_trunk_loads_from_dcp_and_safetensors(pretrained, tmp_path, f
     cfg = OmegaConf.merge({"model": {"name": "vit_tiny_patch16", "drop_path_rate": 0.0, "grad_checkpointing": False},
                            "data": {"img_size": 128}, "task": {}, "pretrained": str(source)},
                           {k: cfg[k] for k in ("task",)}, {"task": {"window_size": 4}})
-    model = build_task(cfg).build_model(num_classes=3, fresh=True)
+    task = build_task(cfg)
+    model = task.build_model(num_classes=3)
+    task.load_pretrained(model)
     trunk = model.backbone.trunk.state_dict()
     for name in ("blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.bias", "patch_embed.proj.weight"):
         assert torch.equal(trunk[name], reference[name]), name
     # The class entry is dropped and the 2 x 2 pretraining grid resampled to 8 x 8.
     assert trunk["pos_embed"].shape == (1, 64, 192)
     assert torch.allclose(trunk["pos_embed"], resample_pos_embed(reference["pos_embed"], (8, 8))[:, 1:])
-    fresh = build_task(OmegaConf.merge(cfg, {"pretrained": None})).build_model(num_classes=3, fresh=True)
+    fresh = build_task(OmegaConf.merge(cfg, {"pretrained": None})).build_model(num_classes=3)
     assert not torch.equal(fresh.backbone.trunk.state_dict()["blocks.0.attn.qkv.weight"], reference["blocks.0.attn.qkv.weight"])
 
 
@@ -116,6 +119,35 @@ def test_finetune_starts_from_pretrained_and_resumes_exactly(request, pretrained
     assert losses(run_dir) == losses(straight)
 
 
+def test_unloadable_checkpoint_restarts_from_the_pretrained_weights(pretrained, ade, tmp_path):
+    """The run's only checkpoint passes the size check but fails part-way through loading. The run
+    must start again exactly as a first start would: pretrained trunk (sent from rank 0 to the other
+    rank), nothing left over from the half-loaded checkpoint."""
+    common = [*TINY_ADE, f"data.root={ade}", f"pretrained={pretrained}", "train.steps=4", "train.micro_batch=4",
+              "train.eval_every=0", "optim.warmup_steps=2", "checkpoint.every_steps=2", "train.log_every=1"]
+    run_dir = tmp_path / "run"
+    first = finetune(run_dir, *common, "train.stop_after_steps=2", nproc=2)
+    assert f"fresh start from pretrained weights {pretrained}" in first.stdout, first.stdout
+    shards = sorted((run_dir / "checkpoints/step-2").glob("*.distcp"))
+    assert shards
+    for shard in shards:  # keep the first half: loading writes some weights, then fails
+        data = shard.read_bytes()
+        shard.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
+    second = finetune(run_dir, *common, nproc=2)
+    assert "skipping checkpoint" in second.stderr and "failed to load" in second.stderr, second.stderr[-3000:]
+    assert f"fresh start from pretrained weights {pretrained}" in second.stdout, second.stdout
+    straight = tmp_path / "straight"
+    finetune(straight, *common, nproc=2)
+    assert losses(run_dir) == losses(straight)
+
+
+def test_pretrained_is_for_fine_tuning_only():
+    cfg = OmegaConf.create({"task": {"name": "classification"}, "model": {"name": "vit_tiny_patch16"},
+                            "data": {"img_size": 32}, "pretrained": str(ROOT)})
+    with pytest.raises(ConfigError, match="pretrained: pretraining .* starts from scratch"):
+        validate_task(cfg)
+
+
 def test_schedules_and_layer_decay():
     step = OmegaConf.create({"lr": 1e-4, "warmup_steps": 10, "schedule": "step", "milestones": [0.5, 0.75], "gamma": 0.1})
     assert learning_rate(0, step, 100) == pytest.approx(1e-5)
@@ -129,7 +161,7 @@ def test_schedules_and_layer_decay():
                             "task": {"name": "ade20k", "patch_size": 16, "layer_decay": 0.5, "channels": 32,
                                      "aux_channels": 16, "aux_weight": 0.4, "ignore_index": 255}})
     task = build_task(cfg)
-    scales = task.lr_scale(task.build_model(150, fresh=True))
+    scales = task.lr_scale(task.build_model(150))
     assert scales["trunk.pos_embed"] == scales["trunk.patch_embed.proj.weight"] == 0.5 ** 13
     assert scales["trunk.blocks.0.attn.qkv.weight"] == 0.5 ** 12
     assert scales["trunk.blocks.11.mlp.fc1.weight"] == 0.5

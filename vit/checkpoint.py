@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from vit.distributed import barrier
+from vit.distributed import barrier, broadcast_object
 
 COMPLETE = "COMPLETE"
 TRAIN_STATE = "train_state.json"
@@ -176,6 +176,7 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.pending: _Pending | None = None
         self.last_save_seconds: float | None = None
+        self.failed_loads: list[str] = []  # checkpoints load_latest skipped after they had started loading
         # Async saves run DCP's collectives on a background thread: give them their own gloo group
         # so they never interleave with the training loop's NCCL collectives.
         self.async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
@@ -277,7 +278,8 @@ class Checkpointer:
     def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
         """Restore the newest loadable checkpoint; returns its train state, or None to start fresh."""
         candidates = [str(p) for p in valid_checkpoints(self.root)] if self.rank == 0 else None
-        candidates = _broadcast(candidates)
+        candidates = broadcast_object(candidates)
+        self.failed_loads = []
         for candidate in candidates:
             path = Path(candidate)
             try:
@@ -288,11 +290,13 @@ class Checkpointer:
             except (Exception, CheckpointException) as e:  # a shard that went bad after the check: use the previous
                 warnings.warn(f"skipping checkpoint {path}: failed to load ({_root_cause(e)})", stacklevel=2)
                 ok = 0
-            if _all_ok(ok):
-                rng_file = path / "rng" / f"rank-{self.rank}.json"
-                if rng_file.is_file():  # absent after a change of world size: keep this rank's seed
-                    set_rng_state(json.loads(rng_file.read_text()))
-                return {"path": str(path), **json.loads((path / TRAIN_STATE).read_text())}
+            if not _all_ok(ok):
+                self.failed_loads.append(str(path))
+                continue
+            rng_file = path / "rng" / f"rank-{self.rank}.json"
+            if rng_file.is_file():  # absent after a change of world size: keep this rank's seed
+                set_rng_state(json.loads(rng_file.read_text()))
+            return {"path": str(path), **json.loads((path / TRAIN_STATE).read_text())}
         return None
 
 
@@ -312,14 +316,6 @@ def _root_cause(e: BaseException) -> str:
         innermost = x if str(x).strip() else innermost
     text = str(innermost).strip()
     return text.splitlines()[-1][:300] if text else type(e).__name__
-
-
-def _broadcast(obj):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
 
 
 def _all_ok(ok: int) -> bool:

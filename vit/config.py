@@ -114,6 +114,9 @@ def validate_task(cfg: DictConfig) -> None:
             raise ConfigError(f"task.{blocks_key}", f"{bad} are outside the {variant.depth} blocks of "
                               f"{cfg.model.name}", f"use indices 0..{variant.depth - 1}, or null for the default")
     pretrained = cfg.get("pretrained")
+    if pretrained and name == "classification":
+        raise ConfigError("pretrained", "pretraining (task=classification) starts from scratch",
+                          "fine-tune with task=coco or task=ade20k, or set pretrained=null")
     if pretrained:
         from pathlib import Path
         if not Path(pretrained).exists():

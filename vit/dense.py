@@ -124,9 +124,10 @@ class DenseViT(nn.Module):
         return [feats[i] for i in self.out_blocks]
 
     @torch.no_grad()
-    def load_pretrained(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load a pretraining ViT (timm names): class token, final norm and head are ignored, the
-        position grid is resampled and the patch kernel pseudo-inverse resized to this model's."""
+    def adapt_pretrained(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A pretraining ViT's weights (timm names) as this trunk's full state dict: class token, final
+        norm and head are dropped, the position grid is resampled and the patch kernel pseudo-inverse
+        resized to this model's. Only shapes are read from `self`, so it may be sharded."""
         own = self.state_dict()
         new, missing, mismatched = {}, [], []
         for key, target in own.items():
@@ -150,7 +151,7 @@ class DenseViT(nn.Module):
                                        ("unexpected", unexpected)) if keys]
         if problems:
             raise ValueError("pretrained weights do not fit this DenseViT: " + "; ".join(problems))
-        self.load_state_dict(new, strict=True)
+        return new
 
 
 def layer_decay_scales(model: nn.Module, prefix: str, depth: int, decay: float) -> dict[str, float]:

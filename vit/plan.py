@@ -35,7 +35,7 @@ def settings(cfg: DictConfig) -> dict:
 def count_params(task, num_classes: int) -> tuple[int, int]:
     """(parameters, parameter tensors) of the task's model, built on the meta device: exact, no memory."""
     with torch.device("meta"):
-        params = list(task.build_model(num_classes, fresh=False).parameters())
+        params = list(task.build_model(num_classes).parameters())
     return sum(p.numel() for p in params), len(params)
 
 

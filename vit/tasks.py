@@ -24,7 +24,7 @@ from torch import nn
 from vit.checkpoint import CheckpointError, load_pretrained
 from vit.data.loader import SeededSamples, collate_samples
 from vit.data.sources import build_source
-from vit.distributed import World, all_reduce_max, all_reduce_sum
+from vit.distributed import World, all_reduce_max, all_reduce_sum, broadcast_object
 from vit.model import VARIANTS, build_model, train_flops_per_image
 
 
@@ -79,7 +79,7 @@ class Task:
 
 
 class Classification(Task):
-    def build_model(self, num_classes: int, fresh: bool) -> nn.Module:
+    def build_model(self, num_classes: int) -> nn.Module:
         cfg = self.cfg
         return build_model(cfg.model.name, num_classes, img_size=cfg.data.img_size,
                            drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing,
@@ -120,19 +120,33 @@ class DenseTask(Task):
             return []
         return list(self.cfg.task.get("global_blocks") or spread_blocks(VARIANTS[self.cfg.model.name].depth))
 
-    def build_trunk(self, out_blocks, fresh: bool) -> nn.Module:
+    def build_trunk(self, out_blocks) -> nn.Module:
         from vit.dense import DenseViT
 
         trunk = DenseViT(**self.trunk_args(out_blocks))
         trunk.set_grad_checkpointing(self.cfg.model.grad_checkpointing)
-        # Only on a fresh start: a resumed run reads its own checkpoint, which supersedes these weights.
-        if fresh and self.cfg.get("pretrained"):
-            try:
-                trunk.load_pretrained(load_pretrained(self.cfg.pretrained))
-            except ValueError as e:
-                raise CheckpointError(f"pretrained: {self.cfg.pretrained} does not fit {self.cfg.model.name} "
-                                      f"({e}); use a checkpoint of the same model") from None
         return trunk
+
+    def load_pretrained(self, model: nn.Module) -> None:
+        """Overwrite the (sharded) model's trunk with `pretrained`. Rank 0 alone reads and adapts the
+        weights; the other ranks receive just their shards from it. The loop calls this only when no
+        checkpoint of the run could be loaded: a resumed run's own weights supersede these."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        trunk, state, error = self.trunk_of(model), {}, None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                state = trunk.adapt_pretrained(load_pretrained(self.cfg.pretrained))
+            except ValueError as e:
+                error = (f"pretrained: {self.cfg.pretrained} does not fit {self.cfg.model.name} ({e}); "
+                         "use a checkpoint of the same model")
+            except CheckpointError as e:
+                error = str(e)
+        error = broadcast_object(error)  # every rank fails alike instead of waiting for rank 0's tensors
+        if error:
+            raise CheckpointError(error)
+        set_model_state_dict(trunk, state, options=StateDictOptions(full_state_dict=True,
+                                                                   broadcast_from_rank0=dist.is_initialized()))
 
     def trunk_of(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.trunk_prefix.rstrip("."))
@@ -159,11 +173,11 @@ class CocoDetection(DenseTask):
     name = "coco"
     trunk_prefix = "backbone.trunk."
 
-    def build_model(self, num_classes: int, fresh: bool) -> nn.Module:
+    def build_model(self, num_classes: int) -> nn.Module:
         from vit.detection import build_detector
 
         t = self.cfg.task
-        return build_detector(self.build_trunk((-1,), fresh), num_classes + 1, self.cfg.data.img_size,
+        return build_detector(self.build_trunk((-1,)), num_classes + 1, self.cfg.data.img_size,
                               fpn_channels=t.fpn_channels, representation_size=t.representation_size,
                               box_detections_per_img=t.detections_per_image,
                               box_batch_size_per_image=t.roi_batch)
@@ -216,12 +230,12 @@ class ADE20KSegmentation(DenseTask):
     name = "ade20k"
     trunk_prefix = "trunk."
 
-    def build_model(self, num_classes: int, fresh: bool) -> nn.Module:
+    def build_model(self, num_classes: int) -> nn.Module:
         from vit.segmentation import Segmenter
 
         t = self.cfg.task
         out_blocks = list(t.get("out_blocks") or spread_blocks(VARIANTS[self.cfg.model.name].depth))
-        return Segmenter(self.build_trunk(out_blocks, fresh), num_classes, channels=t.channels,
+        return Segmenter(self.build_trunk(out_blocks), num_classes, channels=t.channels,
                          aux_channels=t.aux_channels, aux_weight=t.aux_weight, ignore_index=t.ignore_index)
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import vit
-from vit.checkpoint import Checkpointer, valid_checkpoints
+from vit.checkpoint import Checkpointer
 from vit.config import accumulation_steps, total_steps
 from vit.data.loader import DataPosition, build_loader
 from vit.data.sources import DataError
@@ -76,17 +76,18 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     accum = accumulation_steps(global_batch, micro_batch, world.world_size)
 
     # --- model and optimizer (identical init on every rank and world size: same seed, same device) --
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    # Pretrained weights (fine-tuning) only on a fresh start; only then is the checkpoint list read here.
-    fresh = not (cfg.get("pretrained") and valid_checkpoints(run_dir / "checkpoints", warn=False))
-    with device:
-        model = task.build_model(num_classes, fresh)
-    shard_model(model, world, precision, compile_blocks=cfg.model.compile, blocks=task.blocks(model),
-                bf16_root=task.bf16_root)
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                fused=device.type == "cuda", lr_scale=task.lr_scale(model))
+    def build_model_and_optimizer():
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        with device:
+            model = task.build_model(num_classes)
+        shard_model(model, world, precision, compile_blocks=cfg.model.compile, blocks=task.blocks(model),
+                    bf16_root=task.bf16_root)
+        return model, build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
+                                      fused=device.type == "cuda", lr_scale=task.lr_scale(model))
+
+    model, optimizer = build_model_and_optimizer()
 
     # --- resume ----------------------------------------------------------------------------------
     journal = Journal(run_dir, enabled=main)
@@ -96,6 +97,14 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                         journal=journal)
     step, position, bad_samples = 0, DataPosition(), 0
     resumed = ckpt.load_latest(model, optimizer)
+    if not resumed and ckpt.failed_loads:  # a checkpoint that failed part-way may have overwritten some weights
+        model = optimizer = None
+        model, optimizer = build_model_and_optimizer()
+    if not resumed and cfg.get("pretrained"):  # fine-tuning starts from pretrained weights, a resumed run from its own
+        task.load_pretrained(model)
+        journal.write("pretrained", step, path=str(cfg.pretrained))
+        if main:
+            print(f"fresh start from pretrained weights {cfg.pretrained}", flush=True)
     if resumed:
         step, position, bad_samples = resumed["step"], DataPosition(**resumed["data"]), resumed["bad_samples"]
         journal.write("resume", step, checkpoint=resumed["path"], saved_world_size=resumed["world_size"],
