@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         with world.device:
             model = build_model(args.model, args.num_classes, img_size=args.img_size)
         shard_model(model, world, "bf16" if cuda else "fp32")
-        optimizer = build_optimizer(model, 1e-4, 0.05, fused=cuda)
+        optimizer = build_optimizer(model, 1e-4, 0.05)
         x = torch.randn(1, 3, args.img_size, args.img_size)
         train_step(model, optimizer, [(x, torch.zeros(1, dtype=torch.long))], world.device)
         tensors = local_tensors(model, optimizer)

@@ -3,12 +3,13 @@
 #
 #   pip install -e .  &&  bash benchmarks/gpu.sh          # from the repo root; results under $OUT
 #
-# Order is by value per second: the A/B step rows at micro-batch 32 (base, activation checkpointing,
-# SDPA backends), the micro-batch sweep with and without AC, the torch.compile row (slow to warm
-# up: it gets its own budget), then the checkpoint benchmarks if time is left. On an H200 all but
-# checkpoint_cuda took 281 s; checkpoint_cuda should take about 2 minutes. Each part runs under
-# `timeout` and its own --time-budget (rows not started in time are listed as skipped, so a part
-# still prints its table), and a failing part does not stop the others.
+# Order is by value per second: the A/B step rows at sg_h100's micro-batch 64 (base, with sg_h100's
+# `fsdp` settings; FSDP2's per-block defaults, which they replace; activation checkpointing; SDPA
+# backends), the micro-batch sweep with and without AC, the torch.compile row (slow to warm up: it
+# gets its own budget), then the checkpoint benchmarks if time is left. On an H200 the same parts
+# (rows at 32, without fsdp-per-block) took 281 s; checkpoint_cuda should take about 2 minutes.
+# Each part runs under `timeout` and its own --time-budget (rows not started in time are listed as
+# skipped, so a part still prints its table), and a failing part does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench-out}
@@ -54,11 +55,11 @@ fi
 # DRY=1: the same flow with tiny models on any machine, to check this script.
 DRY_ARGS=(); [[ -n "${DRY:-}" ]] && DRY_ARGS=(--tiny)
 STEP=(benchmarks/train_step.py --model vit_huge_patch14 "${NO_TIMM[@]}" "${DRY_ARGS[@]}")
-run step_rows 150 "$PY" "${STEP[@]}" --rows base,ac,sdpa --batch 32 --warmup 2 --steps 3 --rounds 5 \
-  --time-budget 110 --out "$OUT/step_rows.md"
-run step_sweep 170 "$PY" "${STEP[@]}" --rows sweep --batches 32,64,96,128,192,256 --warmup 1 --steps 2 --rounds 3 \
-  --time-budget 130 --out "$OUT/step_sweep.md"
-run step_compile 170 "$PY" "${STEP[@]}" --rows compile --batch 32 --warmup 2 --steps 3 --rounds 5 \
+run step_rows 170 "$PY" "${STEP[@]}" --rows base,fsdp-per-block,ac,sdpa --batch 64 --warmup 2 --steps 3 --rounds 4 \
+  --time-budget 130 --out "$OUT/step_rows.md"
+run step_sweep 150 "$PY" "${STEP[@]}" --rows sweep --batches 32,64,96,128,192,256 --warmup 1 --steps 2 --rounds 3 \
+  --time-budget 110 --out "$OUT/step_sweep.md"
+run step_compile 170 "$PY" "${STEP[@]}" --rows compile --batch 64 --warmup 2 --steps 3 --rounds 4 \
   --out "$OUT/step_compile.md"
 # The state in host memory (the disk's part alone), then in GPU memory as the loop saves it (adds
 # the device-to-host copies, and async save's staging into pinned memory).

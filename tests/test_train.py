@@ -63,8 +63,22 @@ def test_two_fsdp_ranks_give_the_same_losses_as_one_process(tmp_path):
     assert a[6] < a[1]  # and it learns
 
 
+def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(tmp_path):
+    """Units of 4 blocks kept gathered from forward to backward (sg_h100) compute exactly what
+    per-block units do, and a run saved under one wrapping resumes under the other."""
+    units = ["fsdp.unit_blocks=4", "fsdp.reshard_after_forward=false"]
+    run_job(tmp_path / "per_block", "train.steps=6", nproc=2)
+    run_job(tmp_path / "grouped", "train.steps=6", *units, nproc=2)
+    assert losses(tmp_path / "per_block") == losses(tmp_path / "grouped")
+    run_job(tmp_path / "switched", "train.steps=6", "train.stop_after_steps=4", nproc=2)
+    resumed = run_job(tmp_path / "switched", "train.steps=6", *units, nproc=2)
+    assert "resumed from" in resumed.stdout and "(step 4," in resumed.stdout, resumed.stdout
+    assert losses(tmp_path / "switched") == losses(tmp_path / "grouped")
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.name=vit_gigantic", "model.name"),
+    ("fsdp.unit_blocks=0", "fsdp.unit_blocks"),
     ("train.micro_batch=5", "train.micro_batch"),
     ("optim.warmup_steps=500", "optim.warmup_steps"),
     ("optim.lr=-1", "optim.lr"),

@@ -65,6 +65,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("train.loss", f"unknown loss {cfg.train.loss!r}", "use softmax or sigmoid")
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError("train.precision", f"unknown precision {cfg.train.precision!r}", "use auto, bf16 or fp32")
+    if not (isinstance(cfg.fsdp.unit_blocks, int) and cfg.fsdp.unit_blocks >= 1):
+        raise ConfigError("fsdp.unit_blocks", f"must be a positive integer, got {cfg.fsdp.unit_blocks!r}",
+                          "set fsdp.unit_blocks=1 for one FSDP2 unit per block")
     validate_schedule(cfg.optim)
     validate_task(cfg)
     if cfg.checkpoint.keep < 2:

@@ -32,11 +32,13 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, floa
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                    fused: bool = False, lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
+                    lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """Fused AdamW on every device: one kernel per group. The per-parameter loop, by contrast, runs
+    each op through DTensor dispatch for every sharded parameter (~4x the host time on CPU)."""
     groups = param_groups(model, weight_decay, lr_scale)
     for g in groups:
         del g["names"]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
 def warmup_cosine(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:

@@ -83,9 +83,10 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         with device:
             model = task.build_model(num_classes)
         shard_model(model, world, precision, compile_blocks=cfg.model.compile, blocks=task.blocks(model),
-                    bf16_root=task.bf16_root)
+                    bf16_root=task.bf16_root, unit_blocks=cfg.fsdp.unit_blocks,
+                    reshard_after_forward=cfg.fsdp.reshard_after_forward)
         return model, build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                      fused=device.type == "cuda", lr_scale=task.lr_scale(model))
+                                      lr_scale=task.lr_scale(model))
 
     model, optimizer = build_model_and_optimizer()
 
