@@ -71,3 +71,21 @@ def test_finetune_is_submitted_by_the_hydra_launcher_too(slurm_env, tmp_path):
     assert state["JobState"] == "COMPLETED", f"{state}\n{dump_logs(slurm_env, logs)}"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
     assert json.loads((run_dir / "eval" / "latest.json").read_text())["step"] == 6
+
+
+def test_sbatch_user_error_fails_at_job_start_in_one_line_and_is_not_requeued(slurm_env, tmp_path):
+    """Plain sbatch runs nothing of ours before Slurm starts the script, so a bad override is caught
+    when the job starts: one line naming the key, no requeue, nothing written to checkpoints/."""
+    data = make_ade20k(tmp_path / "ade", n_train=16, n_val=4)
+    run_dir = tmp_path / "bad"
+    overrides = [o for o in TINY_ADE if not o.startswith("task=")] + ["train.micro_batch=3", "train.steps=4"]
+    env = {**slurm_env, "RUN_DIR": str(run_dir), "DATA_ROOT": str(data), "VIT_OVERRIDES": " ".join(overrides),
+           "PYTHON": sys.executable}
+    job = sbatch([*MINICLUSTER, str(ROOT / "sbatch" / "finetune_ade20k.sh")], env, cwd=tmp_path)
+    state = wait_job(job, slurm_env, timeout=300, log_files=[tmp_path / f"vit-ade20k-{job}.out"])
+    text = "\n".join(p.read_text(errors="replace") for p in job_logs(run_dir))
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", f"{state}\n{dump_logs(slurm_env, job_logs(run_dir))}"
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors and all(e.startswith("error: train.micro_batch: 3 per rank x 2 ranks does not divide") for e in errors), text
+    assert "not requeueing: configuration or data error, fix it and resubmit: train.micro_batch" in text, text
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "slurm" / "requeues.jsonl").exists()
