@@ -36,6 +36,12 @@ def test_train_step_tiny(tmp_path):
     assert "| vit_tiny_patch16 | base | ours |" in (tmp_path / "step.md").read_text()
 
 
+def test_fsdp_host_time_tiny():
+    out = run("fsdp_host_time.py")
+    assert "| blocks per unit | reshard after forward | step ms | vs FSDP2 defaults |" in out
+    assert "| 1 | yes |" in out and out.count("| no |") == 4 and "| 1.00 |" in out
+
+
 def test_checkpoint_tiny(tmp_path):
     work = tmp_path / "disk"
     work.mkdir()
