@@ -17,7 +17,7 @@ from vit.checkpoint import export_safetensors, load_pretrained
 from vit.config import ConfigError, validate_task
 from vit.model import resample_pos_embed
 from vit.optim import learning_rate
-from vit.tasks import build_task
+from vit.tasks import build_task, coco_box_ap
 
 # A tiny ViT trunk (vit_tiny_patch16 at 128 px: an 8 x 8 grid, windows of 4) under small heads.
 TINY_COCO = [
@@ -67,6 +67,19 @@ def test_detector_learns_and_cocoeval_scores_it(coco, tmp_path):
     assert final["AP50"] > 10 and final["AP"] > 3, final
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "AP" in r] == [150, 300]
+
+
+def test_cocoeval_scores_the_ground_truth_100_every_time(coco):
+    """The scoring path alone: ground-truth boxes as detections give AP 100, and still do at the
+    next evaluation, which reuses the annotation index built at the first."""
+    ann_file = coco / "annotations" / "instances_val2017.json"
+    data = json.loads(ann_file.read_text())
+    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+                  for a in data["annotations"] if not a.get("iscrowd", 0)]
+    first = coco_box_ap(ann_file, detections)
+    second = coco_box_ap(ann_file, detections)
+    assert first["AP"] == first["AP50"] == second["AP"] == 100.0, (first, second)
+    assert coco_box_ap(ann_file, detections[: len(detections) // 2])["AP"] < 100
 
 
 def test_segmenter_learns_and_reports_dataset_level_miou(ade, tmp_path):

@@ -10,6 +10,7 @@ a micro-batch, what to shard and at which learning-rate scale, and the evaluatio
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -209,13 +210,22 @@ class CocoDetection(DenseTask):
         return coco_box_ap(source.ann_file, [d for part in gathered for d in part])
 
 
-def coco_box_ap(ann_file: str | Path, detections: list[dict]) -> dict:
+@functools.lru_cache(maxsize=1)
+def coco_ground_truth(ann_file: str):
+    """pycocotools' index of the annotations, built once per run rather than at every evaluation
+    (val2017's are 25 MB of JSON). COCOeval only reads it for boxes, so it can be reused."""
     from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        return COCO(ann_file)
+
+
+def coco_box_ap(ann_file: str | Path, detections: list[dict]) -> dict:
     from pycocotools.cocoeval import COCOeval
 
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    gt = coco_ground_truth(str(ann_file))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; the loop logs the numbers
-        gt = COCO(str(ann_file))
         if not detections:
             return {**{k: 0.0 for k in names}, "detections": 0}
         evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
