@@ -79,6 +79,7 @@ def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(t
 @pytest.mark.parametrize("override, key", [
     ("model.name=vit_gigantic", "model.name"),
     ("fsdp.unit_blocks=0", "fsdp.unit_blocks"),
+    ("fsdp.reshard_after_forward=sometimes", "fsdp.reshard_after_forward"),
     ("train.micro_batch=5", "train.micro_batch"),
     ("optim.warmup_steps=500", "optim.warmup_steps"),
     ("optim.lr=-1", "optim.lr"),

@@ -65,9 +65,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("train.loss", f"unknown loss {cfg.train.loss!r}", "use softmax or sigmoid")
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError("train.precision", f"unknown precision {cfg.train.precision!r}", "use auto, bf16 or fp32")
-    if not (isinstance(cfg.fsdp.unit_blocks, int) and cfg.fsdp.unit_blocks >= 1):
+    if type(cfg.fsdp.unit_blocks) is not int or cfg.fsdp.unit_blocks < 1:
         raise ConfigError("fsdp.unit_blocks", f"must be a positive integer, got {cfg.fsdp.unit_blocks!r}",
                           "set fsdp.unit_blocks=1 for one FSDP2 unit per block")
+    if not isinstance(cfg.fsdp.reshard_after_forward, bool):
+        raise ConfigError("fsdp.reshard_after_forward", f"must be true or false, got {cfg.fsdp.reshard_after_forward!r}",
+                          "set fsdp.reshard_after_forward=true (FSDP2's default) or false")
     validate_schedule(cfg.optim)
     validate_task(cfg)
     if cfg.checkpoint.keep < 2:
