@@ -3,9 +3,9 @@
 #
 #   pip install -e .  &&  bash benchmarks/gpu.sh          # from the repo root; results under $OUT
 #
-# Order is by value per second: the A/B step rows at sg_h100's micro-batch 64 (base, with sg_h100's
-# `fsdp` settings; FSDP2's per-block defaults, which they replace; activation checkpointing; SDPA
-# backends), the micro-batch sweep with and without AC, the torch.compile row (slow to warm up: it
+# Order is by value per second: the A/B step rows at sg_h100's micro-batch 64 (base, with the
+# recipe's `fsdp` wrapping; FSDP2's per-block defaults, which it replaces; activation checkpointing;
+# SDPA backends), the micro-batch sweep with and without AC, the torch.compile row (slow to warm up: it
 # gets its own budget), then the checkpoint benchmarks if time is left. On an H200 the same parts
 # (rows at 32, without fsdp-per-block) took 281 s; checkpoint_cuda should take about 2 minutes.
 # Each part runs under `timeout` and its own --time-budget (rows not started in time are listed as

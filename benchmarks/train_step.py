@@ -2,18 +2,18 @@
 """Training-step throughput: our model and training core against a plain timm step, same batch.
 
 "ours" is exactly what the loop runs: `init_distributed()` (a group of one), `build_model`,
-`shard_model` (FSDP2 with the real mixed-precision policy and the `fsdp` settings the loop would
-use: conf/cluster/sg_h100.yaml's on CUDA, conf/pretrain.yaml's on CPU), `build_optimizer` (fused
-AdamW) and `vit.train.train_step` with clipping 1.0.
+`shard_model` (FSDP2 with the real mixed-precision policy and the recipe's `fsdp` wrapping),
+`build_optimizer` (fused AdamW) and `vit.train.train_step` with clipping 1.0, in a process whose
+host memory is set up as the loop's is (`init_distributed`).
 "timm" is `timm.create_model('<name>_224')` with autocast (bf16 on CUDA), fused AdamW,
 `clip_grad_norm_` and cross-entropy. The two take turns
 (A B A B ... after warm-up) and each reports the median of its per-round step times, so drift in
 clocks or in other load on the machine hits both alike.
 
 Rows (`--rows`; CPU default `base`, GPU default all): `base`, `ac` (activation checkpointing),
-`compile` (torch.compile per block), `fsdp-per-block` (FSDP2's defaults: one unit per block,
-resharded after forward), `fsdp-units` (units of 4 blocks kept gathered from forward to backward),
-`sdpa` (one row per attention backend), `sweep` (micro-batch
+`compile` (torch.compile per block), `fsdp-per-block` (FSDP2's defaults, instead of the recipe's
+units of 4 blocks kept gathered: one unit per block, resharded after forward), `sdpa` (one row per
+attention backend), `sweep` (micro-batch
 sweep with and without AC; an implementation that runs out of memory stops there). MFU counts
 model FLOPs (`train_flops_per_image`), so AC's recompute is not credited. Peak memory is this
 implementation's own: the other one's parameters and optimizer state are subtracted.
@@ -52,7 +52,7 @@ from vit.train import train_step  # noqa: E402
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPE = OmegaConf.load(CONF / "pretrain.yaml")
 LR, WD = RECIPE.optim.lr, RECIPE.optim.weight_decay
-EXTRA_ROWS = ("ac", "compile", "fsdp-per-block", "fsdp-units", "sdpa", "sweep")
+EXTRA_ROWS = ("ac", "compile", "fsdp-per-block", "sdpa", "sweep")
 SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
@@ -113,8 +113,6 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
         rows.append(Row("compile", args.batch, compile=True))
     if "fsdp-per-block" in wanted:
         rows.append(Row("fsdp-per-block", args.batch, fsdp=(1, True)))
-    if "fsdp-units" in wanted:
-        rows.append(Row("fsdp-units", args.batch, fsdp=(4, False)))
     if "sdpa" in wanted:
         rows += [Row(f"sdpa-{b.split('_')[0].lower()}", args.batch, sdpa=b) for b in SDPA]
     if "sweep" in wanted:
@@ -124,12 +122,6 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
 
 
 # --- the two implementations -------------------------------------------------------------------------
-
-def configured_fsdp(device: torch.device) -> tuple[int, bool]:
-    """The FSDP2 wrapping the loop uses here: the GPU cluster's on CUDA, the recipe's elsewhere."""
-    fsdp = OmegaConf.load(CONF / "cluster" / "sg_h100.yaml").fsdp if device.type == "cuda" else RECIPE.fsdp
-    return fsdp.unit_blocks, fsdp.reshard_after_forward
-
 
 def resident_bytes(model, optimizer) -> int:
     """Parameters plus optimizer state: what stays allocated while the other implementation runs."""
@@ -143,7 +135,7 @@ def resident_bytes(model, optimizer) -> int:
 def build_ours(args, name: str, row: Row, world):
     with world.device:
         model = build_model(name, args.num_classes, img_size=args.img_size, grad_checkpointing=row.ac)
-    unit_blocks, reshard = row.fsdp or configured_fsdp(world.device)
+    unit_blocks, reshard = row.fsdp or (RECIPE.fsdp.unit_blocks, RECIPE.fsdp.reshard_after_forward)
     shard_model(model, world, resolve_precision("auto", world.device), compile_blocks=row.compile,
                 unit_blocks=unit_blocks, reshard_after_forward=reshard)
     optimizer = build_optimizer(model, LR, WD)

@@ -44,3 +44,49 @@ def clip_matches_unsharded(rank, out_dir):
     if rank == 0:
         (out_dir / "ok").write_text(f"{norm.item()}")
     close()
+
+
+def accumulation_syncs_once(rank, out_dir):
+    """3 micro-batches under the recipe's wrapping: one all-gather and one reduce-scatter per unit
+    and step instead of one per micro-batch, for the same update."""
+    import torch.distributed as dist
+
+    from vit.distributed import close, init_distributed
+    from vit.model import build_model
+    from vit.optim import build_optimizer
+    from vit.parallel import shard_model
+    from vit.train import train_step
+
+    world = init_distributed("cpu")
+    calls = {"all_gather_single": 0, "reduce_scatter_single": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(dist, name), _name=name, **k):
+            calls[_name] += 1
+            return _f(*a, **k)
+        setattr(dist, name, counted)
+    gen = torch.Generator().manual_seed(rank)
+    micro_batches = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 5, (2,), generator=gen))
+                     for _ in range(3)]
+    results = {}
+    for sync_once in (True, False):
+        torch.manual_seed(0)
+        model = build_model("vit_tiny_patch16", num_classes=5, img_size=32)
+        shard_model(model, world, "fp32", unit_blocks=4, reshard_after_forward=False)
+        optimizer = build_optimizer(model, 1e-3, 0.05)
+        train_step(model, optimizer, micro_batches, world.device, sync_once=sync_once)  # warm-up: lazy init
+        for name in calls:
+            calls[name] = 0
+        loss, norm = train_step(model, optimizer, micro_batches, world.device, sync_once=sync_once)
+        params = [p.full_tensor() for p in model.parameters()]
+        results[sync_once] = (dict(calls), loss, norm, params)
+    (once, loss1, norm1, params1), (each, loss3, norm3, params3) = results[True], results[False]
+    units = 12 // 4 + 1  # and the root
+    assert once == {"all_gather_single": units, "reduce_scatter_single": units}, once
+    assert each == {"all_gather_single": 3 * units, "reduce_scatter_single": 3 * units}, each
+    torch.testing.assert_close(loss1, loss3, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norm1, norm3, rtol=1e-5, atol=0)
+    for a, b in zip(params1, params3):  # the sums differ in order: within 1% of one AdamW update (lr 1e-3)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    if rank == 0:
+        (out_dir / "ok").write_text(f"{once} {each}")
+    close()

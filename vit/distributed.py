@@ -1,6 +1,7 @@
 """Process-group setup from torchrun's environment, and the few collectives the loop needs."""
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,6 +36,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> World
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    else:
+        keep_freed_host_memory()
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # single process without torchrun
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -43,6 +46,29 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> World
                                 device_id=dev if use_cuda else None)
     mesh = init_device_mesh(dev.type, (world_size,))
     return World(rank, world_size, local_rank, dev, mesh)
+
+
+GLIBC_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_host_memory() -> bool:
+    """On CPU, let glibc keep freed memory for reuse instead of handing it back to the OS.
+
+    FSDP2 allocates and frees its all-gather and reduce-scatter buffers (a whole unit each) and the
+    gradients on every step. glibc serves blocks over its mmap threshold (at most 32 MB) as fresh
+    mappings and trims the top of the heap, so the same memory was page-faulted again every step:
+    ~1 GB of faults per ViT-B step, which made its copies 30x slower than in a warm buffer. CUDA has
+    its caching allocator; this is the CPU's equivalent (what PyTorch's CPU launcher gets from
+    jemalloc/tcmalloc). An explicit glibc setting in the environment wins; returns whether it applied.
+    """
+    if any(k in os.environ for k in GLIBC_MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
 
 
 def _free_port() -> int:
