@@ -97,6 +97,40 @@ def test_usr2_checkpoints_requeues_and_resumes_bitwise(slurm_env, reference, tmp
     assert status["step"] == status["total_steps"] == 60 and 0 < status["goodput"] < 1, status
 
 
+def _starting_submitit_tasks(run_dir: Path) -> list[int]:
+    """Node tasks as submitit runs them: `python -u -m submitit.core._submit <run_dir>/slurm`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if argv[1:4] == ["-u", "-m", "submitit.core._submit"] and argv[4:5] == [str(run_dir / "slurm")]:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_usr2_while_a_task_is_still_starting_is_held_not_fatal(slurm_env, tmp_path):
+    """A preemption can come at any moment, also in the seconds a submitit task spends importing and
+    unpickling before the node agent's handler exists; USR2's default action would kill the task and
+    fail the job. It is held instead, and acted on as soon as the agent runs."""
+    run_dir = tmp_path / "early"
+    job = submit(slurm_env, run_dir, "train.steps=30")
+    deadline, pids = time.monotonic() + 300, []
+    while not pids:  # poll fast: the window is the task's first second or two
+        assert time.monotonic() < deadline, f"no submitit task started\n{dump_logs(slurm_env, logs(run_dir))}"
+        pids = _starting_submitit_tasks(run_dir)
+        time.sleep(0.01)
+    for pid in pids:  # straight to the task, as Slurm's --signal does, but at a moment of our choosing
+        os.kill(pid, signal.SIGUSR2)
+    state = finish(slurm_env, job, run_dir)
+    text = log_text(run_dir)
+    assert state["Restarts"] == "1", f"{state}\n{text[-3000:]}"
+    assert "received SIGUSR2 (preemption)" in text and "restart 0:" in text
+    assert requeue_causes(run_dir) == ["preemption"]
+    assert max(losses(run_dir)) == 30
+
+
 def test_real_time_limit_is_saved_requeued_and_resumed(slurm_env, tmp_path):
     run_dir = tmp_path / "timelimit"
     # A 2-minute limit with USR2 30 s before it: Slurm itself signals the job well before the end.

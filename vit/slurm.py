@@ -13,6 +13,7 @@ plain sbatch scripts as `python -m vit.slurm --run-dir DIR -- SCRIPT [ARGS]`. Th
 
 torchrun runs as a child process rather than in-process (`elastic_launch`), so that it can be
 shielded from USR2 and so that a crash of the workers never takes the agent's decision with it.
+A submitit task starts with USR2 blocked (`submitit_python`) until the agent's handler is in place.
 """
 from __future__ import annotations
 
@@ -138,6 +139,17 @@ def requeue_decision(status: dict, cause: str | None, history: list[dict], max_r
     return True, f"failed at step {failure[0]} ({failure[1]})"
 
 
+def submitit_python() -> str:
+    """The interpreter command for submitit's task on each node: it blocks USR2 and execs the real
+    interpreter. Until `NodeAgent.run` installs its handler, the task spends seconds importing and
+    unpickling, and USR2's default action would kill it: a preemption then failed the job instead
+    of requeueing it. Blocked, the signal stays pending (masks survive exec) until the agent unblocks it.
+    """
+    boot = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2}); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(boot)}"
+
+
 # --- the node agent -----------------------------------------------------------------------------
 
 class NodeAgent:
@@ -182,6 +194,7 @@ class NodeAgent:
     def run(self) -> int:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})  # one held since start arrives now
         (self.run_dir / "slurm").mkdir(parents=True, exist_ok=True)
         if self.node_id == 0:
             (self.run_dir / "status.json").unlink(missing_ok=True)  # a stale status must not steer the decision

@@ -55,6 +55,7 @@ class VitSlurmLauncher(SlurmLauncher):
         from vit.config import validate
         from vit.journal import Journal
         from vit.launch import USER_ERRORS, fail
+        from vit.slurm import submitit_python
 
         values: dict[str, set[str]] = {}
         for overrides in job_overrides:
@@ -80,7 +81,7 @@ class VitSlurmLauncher(SlurmLauncher):
             params.pop("_target_", None)
             wait = params.pop("wait", False)
             folder = Path(cfg.run_dir) / "slurm"
-            executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_python=submitit_python(),
                                              slurm_max_num_timeout=params.pop("max_num_timeout"))
             params.pop("submitit_folder", None)
             params.pop("array_parallelism", None)
