@@ -18,6 +18,14 @@ from vit.checkpoint import export_safetensors
 MINICLUSTER = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G", "--time=15", "--partition=debug"]
 
 
+def test_node_agent_starts_without_importing_torch():
+    """Until the node agent's handler is installed, a USR2 kills it: `python -m vit.slurm` must start
+    in milliseconds, which rules out importing torch (a second or more)."""
+    probe = "import sys, vit.slurm; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def job_logs(run_dir):
     return sorted((run_dir / "slurm").glob("job-*.out"))
 
