@@ -51,7 +51,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> World
 GLIBC_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 
 
-def keep_freed_host_memory() -> bool:
+def keep_freed_host_memory() -> None:
     """On CPU, let glibc keep freed memory for reuse instead of handing it back to the OS.
 
     FSDP2 allocates and frees its all-gather and reduce-scatter buffers (a whole unit each) and the
@@ -59,16 +59,17 @@ def keep_freed_host_memory() -> bool:
     mappings and trims the top of the heap, so the same memory was page-faulted again every step:
     ~1 GB of faults per ViT-B step, which made its copies 30x slower than in a warm buffer. CUDA has
     its caching allocator; this is the CPU's equivalent (what PyTorch's CPU launcher gets from
-    jemalloc/tcmalloc). An explicit glibc setting in the environment wins; returns whether it applied.
+    jemalloc/tcmalloc). An explicit glibc setting in the environment wins.
     """
     if any(k in os.environ for k in GLIBC_MALLOC_ENV):
-        return False
+        return
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
-        return False
+        return
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, -1)  # -1: never trim
 
 
 def _free_port() -> int:

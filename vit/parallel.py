@@ -22,8 +22,8 @@ def shard_model(model: torch.nn.Module, world: World, precision: str, compile_bl
     and segmentation heads (box regression, RoIAlign, per-pixel losses) are a small share of the
     FLOPs and are numerically touchy, so only the trunk's blocks run in bf16 there.
 
-    Several blocks per unit and no resharding after forward (the `fsdp` settings of GPU clusters,
-    see conf/cluster/sg_h100.yaml) trade memory for fewer all-gathers and less host time per step.
+    Several blocks per unit and no resharding after forward (the recipe's `fsdp` settings, reasoned
+    in conf/pretrain.yaml) trade memory for fewer all-gathers and less host time per step.
     """
     fp32 = MixedPrecisionPolicy()
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else fp32
