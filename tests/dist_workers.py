@@ -1,6 +1,7 @@
 """Functions run on several gloo ranks by `spawn` (they must be importable for multiprocessing)."""
 import os
 import socket
+import sys
 
 import torch
 import torch.multiprocessing as mp
@@ -17,7 +18,13 @@ def _entry(rank, fn, world_size, port, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    fn(rank, *args)
+    fn(rank, *args)  # a failure raises here and reaches mp.spawn as before
+    # Done and the group closed: skip interpreter teardown, where gloo's native threads have been
+    # seen to abort a finished worker ("terminate called without an active exception"), as
+    # vit.launch does for its workers.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def clip_matches_unsharded(rank, out_dir):
