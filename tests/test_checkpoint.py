@@ -161,35 +161,96 @@ def test_retention_keeps_the_newest_valid_checkpoints_and_newer_saves_in_flight(
     assert (root / "step-6").is_dir() and (root / "step-7").is_dir()
 
 
-def test_a_shard_that_fails_to_load_falls_back_to_the_previous_checkpoint(tmp_path):
-    """Damage the size check cannot see (a shard overwritten with zeros): the load itself fails, and the
-    loader must warn and fall back, not crash. One process, no process group: DCP runs in-process."""
+class RunsCommand:
+    """Pickles as a call of os.system: what a planted checkpoint would do to an unsafe loader."""
+
+    def __init__(self, mark: Path):
+        self.mark = mark
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.mark}",)
+
+
+def planted_metadata(mark: Path) -> bytes:
+    """A `.metadata` that names os.system through a DCP module (pickle resolves dotted names)."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s)]) + s.encode()
+    return (b"\x80\x04" + text("torch.distributed.checkpoint.filesystem") + text("os.system") + b"\x93"
+            + text(f"touch {mark}") + b"\x85R.")
+
+
+@pytest.mark.parametrize("damage", ["zeroed shards", "empty rng file", "pickled call in the optimizer state",
+                                    "pickled call in the metadata"])
+def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(tmp_path, damage):
+    """Damage the size check cannot see, or a planted payload: the loader must warn and fall back to
+    the previous checkpoint, not crash and not run the payload. One process, no process group."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     ckpt = Checkpointer(tmp_path / "checkpoints", 0)
+    mark = tmp_path / "payload-ran"
 
     def train_and_save(step):
         model(torch.randn(2, 8)).square().sum().backward()
         optimizer.step()
         optimizer.zero_grad()
+        lr = optimizer.param_groups[0]["lr"]
+        if step == 2 and damage == "pickled call in the optimizer state":
+            optimizer.param_groups[0]["lr"] = RunsCommand(mark)  # DCP stores it as a pickled byte item
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DCP: "assuming the intent is to save in a single process"
             ckpt.save(step, model, optimizer, {"world_size": 1})
+        optimizer.param_groups[0]["lr"] = lr
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     saved_1 = train_and_save(1)
     train_and_save(2)
-    for shard in (tmp_path / "checkpoints/step-2").glob("*.distcp"):
-        shard.write_bytes(bytes(shard.stat().st_size))
-    assert problem_with(tmp_path / "checkpoints/step-2") is None  # invisible to the size check
+    step_2 = tmp_path / "checkpoints/step-2"
+    if damage == "zeroed shards":
+        for shard in step_2.glob("*.distcp"):
+            shard.write_bytes(bytes(shard.stat().st_size))
+    elif damage == "empty rng file":
+        (step_2 / "rng/rank-0.json").write_text("")
+    elif damage == "pickled call in the metadata":
+        (step_2 / ".metadata").write_bytes(planted_metadata(mark))
+        assert "refusing to load" in problem_with(step_2) and not mark.exists()
+    if damage != "pickled call in the metadata":
+        assert problem_with(step_2) is None  # invisible to the size check
 
     fresh = torch.nn.Linear(8, 4)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters())
-    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-2: failed to load"):
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-2: "):
         state = ckpt.load_latest(fresh, fresh_optimizer)
+    assert not mark.exists(), "a pickled call in the checkpoint ran"
     assert state is not None and state["step"] == 1 and state["path"].endswith("step-1")
     assert all(torch.equal(v, saved_1[k]) for k, v in fresh.state_dict().items())
+    assert fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert ckpt.failed_loads == ([] if damage == "pickled call in the metadata" else [str(step_2)])
+
+
+def test_retention_does_not_count_a_checkpoint_that_failed_to_load(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        fake_checkpoint(root, step)
+    ckpt = Checkpointer(root, 0, keep=2)
+    ckpt.failed_loads = [str(root / "step-6")]  # as load_latest leaves it: the run resumed from step 4
+    fake_checkpoint(root, 5)  # its first save: an older step, the newer one is not yet overwritten
+    ckpt._apply_retention(root / "step-5")
+    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-5", "step-6"]
+
+
+def test_checkpoints_of_another_setup_are_an_error_and_stay(tmp_path):
+    """A changed class count or model in the same run_dir would fail to load every checkpoint; the
+    run must not take that for damage, start afresh and overwrite them."""
+    run_dir = tmp_path / "run"
+    run_job(run_dir, "train.steps=4")
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    for override, key in (("data.num_classes=5", "classes"), ("model=vit_small_patch16", "model.name")):
+        proc = run_job(run_dir, "train.steps=8", override, check=False)
+        assert proc.returncode != 0
+        assert f"holds checkpoints of another setup ({key}: " in proc.stderr, proc.stderr[-2000:]
+        assert "new run_dir" in proc.stderr.strip().splitlines()[-1]
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
 
 
 def _adamw_round_trip(rank: int, root: Path) -> None:
@@ -263,6 +324,23 @@ def test_adamw_moments_and_step_counts_survive_a_round_trip(tmp_path, world_size
 
 
 # --- stop and resume on the same world size: bitwise -------------------------------------------------
+
+def test_resume_after_an_evaluation_is_bitwise_and_a_skipped_final_evaluation_is_made_up(tmp_path):
+    """Drop path draws from the global RNG, which the checkpoint saves before an evaluation: the
+    evaluation must not move it, or the uninterrupted run and a resumed one diverge. A stop at the
+    last step skips the final evaluation; the next start makes it up, not "nothing to do"."""
+    common = ["train.steps=6", "train.eval_every=2", "checkpoint.every_steps=2", "model.drop_path_rate=0.2"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    run_job(straight, *common)
+    run_job(run, *common, "train.stop_after_steps=2")
+    run_job(run, *common, "train.stop_after_steps=4")  # resumes at step 2, stops at the last step
+    assert_bitwise(losses(run), losses(straight), range(1, 7))
+    assert not (run / "eval/step-6.json").exists()
+    third = run_job(run, *common)
+    assert "nothing to do" not in third.stdout
+    assert json.loads((run / "eval/step-6.json").read_text()) == json.loads((straight / "eval/step-6.json").read_text())
+    assert "nothing to do" in run_job(run, *common).stdout
+
 
 def test_stop_and_resume_is_bitwise_at_several_stop_points(tmp_path, reference):
     ref, run = losses(reference), tmp_path / "run"

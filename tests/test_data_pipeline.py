@@ -130,6 +130,19 @@ def test_draft_decoding_keeps_the_crop_boxes(monkeypatch):
     assert diffs.max() < 0.06  # < 4 grey levels on average: the same picture
 
 
+def test_16_bit_grayscale_decodes_like_its_8_bit_version(tmp_path):
+    """PIL's convert("RGB") clamps 16-bit values at 255: without scaling, such a PNG would train as white."""
+    values = np.random.default_rng(0).integers(0, 65536, (48, 64), dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    Image.fromarray((values >> 8).astype(np.uint8)).save(tmp_path / "eight.png")
+    with Image.open(tmp_path / "deep.png") as deep, Image.open(tmp_path / "eight.png") as eight:
+        assert deep.mode.startswith("I;16")
+        assert np.array_equal(np.asarray(transforms.decode(deep)[0]), np.asarray(transforms.decode(eight)[0]))
+    Image.fromarray(values.astype(np.float32)).save(tmp_path / "float.tiff")
+    with Image.open(tmp_path / "float.tiff") as floating, pytest.raises(ValueError):  # skipped and counted
+        transforms.decode(floating)
+
+
 # ---------------------------------------------------------------- ImageFolder
 
 def test_imagefolder_index_is_built_once_and_rebuilt_when_a_file_is_added(tmp_path, monkeypatch):

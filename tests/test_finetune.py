@@ -3,6 +3,7 @@ ADE20K segmentation scored by dataset-level mIoU, pretrained weights from DCP an
 schedules and layer decay, and one-line errors for bad fine-tuning input."""
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,55 @@ def test_cocoeval_scores_the_ground_truth_100_every_time(coco):
     second = coco_box_ap(ann_file, detections)
     assert first["AP"] == first["AP50"] == second["AP"] == 100.0, (first, second)
     assert coco_box_ap(ann_file, detections[: len(detections) // 2])["AP"] < 100
+
+
+class GroundTruthDetector(torch.nn.Module):
+    """Answers each eval canvas with its image's annotated boxes (recognised by its pixels), plus a
+    low-scored box over the whole canvas, padding included."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.answers = {}
+        for i in range(len(source)):
+            image, target = source.load(i, random.Random(0))
+            self.answers[image.numpy().tobytes()] = target
+
+    def forward(self, images):
+        outputs = []
+        for image in images:
+            t = self.answers[image.numpy().tobytes()]
+            canvas = torch.tensor([[0.0, 0.0, image.shape[-1], image.shape[-2]]])
+            outputs.append({"boxes": torch.cat([t["boxes"], canvas]), "labels": torch.cat([t["labels"], torch.ones(1, dtype=torch.long)]),
+                            "scores": torch.cat([torch.ones(len(t["boxes"])), torch.full((1,), 0.01)])})
+        return outputs
+
+
+def test_coco_evaluation_skips_an_unreadable_image_once_and_clips_boxes_to_the_image(tmp_path, monkeypatch):
+    """An unreadable val image is left out of the score and counted. Training's replacement (the
+    next image) must not be scored a second time, as a duplicate set of detections. Boxes in the
+    canvas's padding are clipped to the image."""
+    import vit.tasks
+    from vit.data.coco import CocoDetection as CocoSource
+    from vit.distributed import World
+
+    root = make_coco(tmp_path / "coco", n_train=2, n_val=6)
+    source = CocoSource(str(root), "val", img_size=128, train=False)
+    model = GroundTruthDetector(source)
+    broken = root / "val2017" / source.files[source.image_ids[2]]
+    broken.write_bytes(broken.read_bytes()[:200])
+    scored = []
+    monkeypatch.setattr(vit.tasks, "coco_box_ap", lambda *a: scored.append(a) or coco_box_ap(*a))
+    task = build_task(OmegaConf.create({"task": {"name": "coco"}, "train": {"micro_batch": 4},
+                                        "data": {"num_workers": 0}}))
+    metrics = task.evaluate(model, source, World(0, 1, 0, torch.device("cpu"), None))
+
+    assert metrics["unreadable"] == 1 and metrics["AP"] == 100.0, metrics
+    _, detections, image_ids = scored[0]
+    assert sorted(image_ids) == sorted(set(source.image_ids) - {source.image_ids[2]})
+    sizes = {im["id"]: (im["width"], im["height"]) for im in json.loads(source.ann_file.read_text())["images"]}
+    assert len({(d["image_id"], tuple(d["bbox"])) for d in detections}) == len(detections)  # none twice
+    whole = [d for d in detections if d["score"] < 0.5]
+    assert len(whole) == 5 and all(d["bbox"] == [0, 0, *sizes[d["image_id"]]] for d in whole)
 
 
 def test_segmenter_learns_and_reports_dataset_level_miou(ade, tmp_path):
@@ -172,7 +222,7 @@ def test_schedules_and_layer_decay():
     cfg = OmegaConf.create({"model": {"name": "vit_tiny_patch16", "drop_path_rate": 0.0, "grad_checkpointing": False},
                             "data": {"img_size": 64}, "pretrained": None,
                             "task": {"name": "ade20k", "patch_size": 16, "layer_decay": 0.5, "channels": 32,
-                                     "aux_channels": 16, "aux_weight": 0.4, "ignore_index": 255}})
+                                     "aux_channels": 16, "aux_weight": 0.4}})
     task = build_task(cfg)
     scales = task.lr_scale(task.build_model(150))
     assert scales["trunk.pos_embed"] == scales["trunk.patch_embed.proj.weight"] == 0.5 ** 13

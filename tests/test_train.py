@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from datasets import CLASSES, make_imagefolder
 from helpers import ROOT, losses, run_job
 
 from vit.config import ConfigError, accumulation_steps
@@ -129,6 +130,21 @@ def test_cpu_process_reuses_freed_host_memory(glibc_env):
         assert released_mb > 100, out
     else:
         assert faults < 100 and released_mb < 10, out
+
+
+def test_a_checkpoint_counts_the_unreadable_samples_of_every_step_it_holds(tmp_path):
+    """A save between log steps must not leave out the bad samples since the last log: a resumed
+    run would forget them, and `data.max_bad_fraction` with them."""
+    root = make_imagefolder(tmp_path / "train")
+    (root / CLASSES[0] / "unreadable.jpg").write_bytes(b"not an image")
+    epoch = len(list(root.rglob("*.*")))  # one step is one epoch: the bad file is met once per step
+    run_job(tmp_path / "run", "data=imagenet21k", f"data.root={root}", "data.val_fraction=0", "data.num_workers=0",
+            f"data.num_classes={len(CLASSES)}", f"data.num_samples={epoch}", "data.max_bad_fraction=0.5",
+            f"train.global_batch={epoch}", f"train.micro_batch={epoch}", "train.steps=4", "train.eval_every=0",
+            "train.log_every=100", "checkpoint.every_steps=2")
+    stored = [json.loads((tmp_path / "run" / "checkpoints" / f"step-{s}" / "train_state.json").read_text())["bad_samples"]
+              for s in (2, 4)]
+    assert stored == [2, 4]
 
 
 def test_smoke_command_runs_end_to_end(tmp_path):

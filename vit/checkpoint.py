@@ -8,14 +8,16 @@ Layout of `<run_dir>/checkpoints/step-<N>/`:
 `checkpoints/latest` names the newest valid checkpoint; the loader does not trust it blindly and
 re-checks every candidate, newest first, skipping incomplete or damaged ones with a warning.
 
-No untrusted pickle is ever loaded: JSON for non-tensor state, DCP's byte items through
-`torch.load(weights_only=True)`, and DCP's `.metadata` through an unpickler that admits only the
-DCP metadata classes.
+No untrusted pickle is ever loaded: JSON for non-tensor state, DCP's byte items (the optimizer's
+hyper-parameters) through `torch.load(weights_only=True)` (DCP's own planner would use
+`weights_only=False`), and DCP's `.metadata` through an unpickler that admits only the classes a
+DCP metadata file is made of.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import os
 import pickle
@@ -32,7 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -49,16 +53,21 @@ class CheckpointError(RuntimeError):
 
 # --- reading DCP metadata without arbitrary pickle -------------------------------------------------
 
+# Exact names only: a module prefix would admit any function of that module, and pickle resolves
+# dotted names (`os.system` reached through a DCP module's globals).
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib._local", "PosixPath"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
 }
-_ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_MODULE_PREFIXES):
+        if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
@@ -69,10 +78,23 @@ class SafeReader(FileSystemReader):
     def read_metadata(self, *args, **kwargs) -> Metadata:
         with open(Path(self.path) / ".metadata", "rb") as f:
             metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f".metadata holds a {type(metadata).__name__}, not DCP metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, with byte items read by the weights-only unpickler."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 # --- validity -----------------------------------------------------------------------------------
@@ -96,8 +118,8 @@ def problem_with(path: Path) -> str | None:
     try:
         json.loads((path / TRAIN_STATE).read_text())
         metadata = SafeReader(str(path)).read_metadata()
-    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
-        return f"unreadable metadata ({e})"
+    except Exception as e:  # noqa: BLE001 (damaged bytes fail in any way the unpickler can)
+        return f"unreadable metadata ({type(e).__name__}: {e})"
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -130,8 +152,8 @@ def rng_state() -> dict:
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available():  # this rank's device only: a resume may see other devices
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -142,7 +164,7 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -207,9 +229,9 @@ class Checkpointer:
                 shutil.rmtree(path)
             (path / "rng").mkdir(parents=True)
         barrier()
-        (path / "rng" / f"rank-{self.rank}.json").write_text(json.dumps(rng_state()))
+        _write_atomic(path / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state()))
         if self.rank == 0:
-            (path / TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}))
+            _write_atomic(path / TRAIN_STATE, json.dumps({"step": step, **train_state}))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         writer = self._writer or FileSystemWriter(str(path), thread_count=4, sync_files=True)
         try:
@@ -265,7 +287,8 @@ class Checkpointer:
             self.journal.write(event, step, **fields)
 
     def _apply_retention(self, newest: Path) -> None:
-        valid = valid_checkpoints(self.root, warn=False)
+        # One that failed to load at this start does not count towards `keep`.
+        valid = [p for p in valid_checkpoints(self.root, warn=False) if str(p) not in self.failed_loads]
         keep = set(valid[: self.keep]) | {newest}
         if self.keep_every:
             keep |= {p for p in valid if step_of(p) % self.keep_every == 0}
@@ -275,17 +298,35 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     # load
-    def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Restore the newest loadable checkpoint; returns its train state, or None to start fresh."""
-        candidates = [str(p) for p in valid_checkpoints(self.root)] if self.rank == 0 else None
-        candidates = broadcast_object(candidates)
+    def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    incompatible=lambda train_state: None) -> dict | None:
+        """Restore the newest loadable checkpoint; returns its train state, or None to start fresh.
+
+        `incompatible(train_state)` says why a checkpoint belongs to another setup (a different model
+        or class list), or None. That is an error, not damage: skipping such checkpoints would start
+        afresh and overwrite them.
+        """
+        candidates, error = None, None
+        if self.rank == 0:
+            candidates = [str(p) for p in valid_checkpoints(self.root)]
+            error = next((f"{self.root.parent} holds checkpoints of another setup ({why}); resume with the "
+                          "same settings, or give this one a new run_dir"
+                          for why in (incompatible(json.loads((Path(c) / TRAIN_STATE).read_text()))
+                                      for c in candidates) if why), None)
+        candidates, error = broadcast_object((candidates, error))
+        if error:
+            raise CheckpointError(error)
         self.failed_loads = []
         for candidate in candidates:
             path = Path(candidate)
             try:
                 model_sd, optim_sd = get_state_dict(model, optimizer)
-                dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=SafeReader(str(path)))
+                dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=SafeReader(str(path)),
+                         planner=SafeLoadPlanner())
                 set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+                rng_file = path / "rng" / f"rank-{self.rank}.json"
+                # Absent after a change of world size: this rank keeps its seed.
+                rng = json.loads(rng_file.read_text()) if rng_file.is_file() else None
                 ok = 1
             except (Exception, CheckpointException) as e:  # a shard that went bad after the check: use the previous
                 warnings.warn(f"skipping checkpoint {path}: failed to load ({_root_cause(e)})", stacklevel=2)
@@ -293,9 +334,8 @@ class Checkpointer:
             if not _all_ok(ok):
                 self.failed_loads.append(str(path))
                 continue
-            rng_file = path / "rng" / f"rank-{self.rank}.json"
-            if rng_file.is_file():  # absent after a change of world size: keep this rank's seed
-                set_rng_state(json.loads(rng_file.read_text()))
+            if rng is not None:
+                set_rng_state(rng)
             return {"path": str(path), **json.loads((path / TRAIN_STATE).read_text())}
         return None
 
@@ -355,7 +395,7 @@ def consolidated_model(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.T
     with torch.device("meta"):
         model = build_model(cfg["model"]["name"], num_classes=len(state["classes"]), img_size=cfg["data"]["img_size"])
     sd = model.to_empty(device="cpu").state_dict()
-    dcp.load({"model": sd}, storage_reader=SafeReader(str(path)), no_dist=True)
+    dcp.load({"model": sd}, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
     return sd, state
 
 

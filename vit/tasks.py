@@ -23,26 +23,56 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vit.checkpoint import CheckpointError, load_pretrained
+from vit.data.ade20k import IGNORE_INDEX
 from vit.data.loader import SeededSamples, collate_samples
 from vit.data.sources import build_source
 from vit.distributed import World, all_reduce_max, all_reduce_sum, broadcast_object
 from vit.model import VARIANTS, build_model, train_flops_per_image
 
 
-def eval_batches(source, world: World, batch: int, num_workers: int):
+class EvalSplit:
     """This rank's share of a whole split as (images, targets, keep) batches. Every rank runs the same
     number of batches (FSDP's all-gathers are collectives): the last ones are padded with sample 0,
-    and `keep` masks the padding out."""
-    per_rank = -(-len(source) // world.world_size)
-    indices = list(range(world.rank, len(source), world.world_size))
-    keep = [True] * len(indices) + [False] * (per_rank - len(indices))
-    indices += [0] * (per_rank - len(indices))
-    loader = torch.utils.data.DataLoader(SeededSamples(source, seed=0), num_workers=num_workers,
-                                         batch_sampler=[[(0, i) for i in indices[j:j + batch]]
-                                                        for j in range(0, per_rank, batch)],
-                                         collate_fn=collate_samples)
-    for j, (images, targets, _, _) in enumerate(loader):
-        yield images, targets, keep[j * batch: j * batch + len(targets)]
+    and `keep` masks the padding out.
+
+    An unreadable image is masked out too and counted (`unreadable()`): training replaces it with
+    the next sample, but here that sample would be scored twice, once under each image's name.
+    """
+
+    def __init__(self, source, world: World, batch: int, num_workers: int):
+        self.source, self.world, self.batch, self.num_workers = source, world, batch, num_workers
+        self.skipped = 0
+
+    def __iter__(self):
+        world, batch = self.world, self.batch
+        per_rank = -(-len(self.source) // world.world_size)
+        indices = list(range(world.rank, len(self.source), world.world_size))
+        keep = [True] * len(indices) + [False] * (per_rank - len(indices))
+        indices += [0] * (per_rank - len(indices))
+        loader = torch.utils.data.DataLoader(SeededSamples(self.source, seed=0), num_workers=self.num_workers,
+                                             batch_sampler=[[(0, i) for i in indices[j:j + batch]]
+                                                            for j in range(0, per_rank, batch)],
+                                             collate_fn=collate_eval,
+                                             # its own seed source: the global RNG (drop path) must not
+                                             # move, or a resume after an evaluation is not exact
+                                             generator=torch.Generator())
+        for j, (images, targets, failures) in enumerate(loader):
+            batch_keep = keep[j * batch: j * batch + len(failures)]
+            for k, failure in zip(batch_keep, failures):
+                if k and failure:
+                    self.skipped += 1
+                    print(f"[rank {world.rank}] evaluation skips an unreadable image: {failure}", flush=True)
+            yield images, targets, [k and not failure for k, failure in zip(batch_keep, failures)]
+
+    def unreadable(self) -> int:
+        """Images skipped on all ranks (a collective: every rank calls it)."""
+        return int(all_reduce_sum(torch.tensor(float(self.skipped), device=self.world.device)).item())
+
+
+def collate_eval(items):
+    """(images, targets, per item: "" or why it was replaced by the next sample)."""
+    images, targets, _, _ = collate_samples(items)
+    return images, targets, [first_bad if bad else "" for _, _, bad, first_bad in items]
 
 
 def spread_blocks(depth: int, count: int = 4) -> list[int]:
@@ -96,13 +126,15 @@ class Classification(Task):
     def evaluate(self, model: nn.Module, source, world: World) -> dict:
         """Top-1/top-5 over the whole val split."""
         counts = torch.zeros(3, device=world.device)  # top-1 hits, top-5 hits, samples
-        for images, labels, keep in eval_batches(source, world, self.cfg.train.micro_batch, self.cfg.data.num_workers):
+        split = EvalSplit(source, world, self.cfg.train.micro_batch, self.cfg.data.num_workers)
+        for images, labels, keep in split:
             mask = torch.tensor(keep, device=world.device)
             top5 = model(images.to(world.device)).topk(min(5, model.num_classes), dim=-1).indices
             hits = top5 == labels.to(world.device)[:, None]
             counts += torch.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum()]).float()
         counts = all_reduce_sum(counts)
-        return {"val_top1": (counts[0] / counts[2]).item(), "val_top5": (counts[1] / counts[2]).item()}
+        return {"val_top1": (counts[0] / counts[2]).item(), "val_top5": (counts[1] / counts[2]).item(),
+                "unreadable": split.unreadable()}
 
 
 class DenseTask(Task):
@@ -191,23 +223,31 @@ class CocoDetection(DenseTask):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, source, world: World) -> dict:
         """Box AP by the real COCOeval on the detections of all ranks, gathered to rank 0."""
-        detections = []
-        for images, targets, keep in eval_batches(source, world, self.cfg.train.micro_batch,
-                                                  self.cfg.data.num_workers):
+        detections, image_ids = [], []
+        split = EvalSplit(source, world, self.cfg.train.micro_batch, self.cfg.data.num_workers)
+        for images, targets, keep in split:
             for out, target, k in zip(model(list(images.to(world.device))), targets, keep):
                 if not k:
                     continue
-                boxes = out["boxes"].float().cpu() / target["scale"]  # canvas -> original pixels
+                image_ids.append(target["image_id"])
+                # Canvas -> original pixels, clipped to the image: the canvas pads it to a square.
+                boxes = out["boxes"].float().cpu() / target["scale"]
+                width, height = target["size"]
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
                 boxes[:, 2:] -= boxes[:, :2]
                 detections += [{"image_id": target["image_id"], "category_id": source.cat_ids[int(label) - 1],
                                 "bbox": [round(v, 2) for v in box.tolist()], "score": round(float(score), 4)}
-                               for box, label, score in zip(boxes, out["labels"], out["scores"])]
-        gathered = [None] * world.world_size if world.world_size > 1 else [detections]
+                               for box, label, score in zip(boxes, out["labels"], out["scores"])
+                               if box[2] > 0 and box[3] > 0]
+        unreadable = split.unreadable()
+        gathered = [None] * world.world_size if world.world_size > 1 else [(detections, image_ids)]
         if world.world_size > 1:
-            dist.all_gather_object(gathered, detections)
+            dist.all_gather_object(gathered, (detections, image_ids))
         if not world.is_main:
             return {}
-        return coco_box_ap(source.ann_file, [d for part in gathered for d in part])
+        return {**coco_box_ap(source.ann_file, [d for part, _ in gathered for d in part],
+                              [i for _, ids in gathered for i in ids]), "unreadable": unreadable}
 
 
 @functools.lru_cache(maxsize=1)
@@ -220,7 +260,8 @@ def coco_ground_truth(ann_file: str):
         return COCO(ann_file)
 
 
-def coco_box_ap(ann_file: str | Path, detections: list[dict]) -> dict:
+def coco_box_ap(ann_file: str | Path, detections: list[dict], image_ids: list[int] | None = None) -> dict:
+    """COCOeval's box AP over `image_ids` (default: every image of the annotations)."""
     from pycocotools.cocoeval import COCOeval
 
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -229,6 +270,8 @@ def coco_box_ap(ann_file: str | Path, detections: list[dict]) -> dict:
         if not detections:
             return {**{k: 0.0 for k in names}, "detections": 0}
         evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(set(image_ids))
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -246,7 +289,7 @@ class ADE20KSegmentation(DenseTask):
         t = self.cfg.task
         out_blocks = list(t.get("out_blocks") or spread_blocks(VARIANTS[self.cfg.model.name].depth))
         return Segmenter(self.build_trunk(out_blocks), num_classes, channels=t.channels,
-                         aux_channels=t.aux_channels, aux_weight=t.aux_weight, ignore_index=t.ignore_index)
+                         aux_channels=t.aux_channels, aux_weight=t.aux_weight, ignore_index=IGNORE_INDEX)
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return model.loss(model(images), labels.to(images.device))
@@ -260,7 +303,8 @@ class ADE20KSegmentation(DenseTask):
 
         t, crop, k = self.cfg.task, self.cfg.data.img_size, len(source.classes)
         totals = torch.zeros(4, k, dtype=torch.float64, device=world.device)
-        for images, labels, keep in eval_batches(source, world, 1, self.cfg.data.num_workers):
+        split = EvalSplit(source, world, 1, self.cfg.data.num_workers)
+        for images, labels, keep in split:
             image, label = images[0], labels[0]
             batches = math.ceil(count_windows(*image.shape[-2:], crop, t.eval_stride) / t.eval_batch)
             calls = all_reduce_max([batches], world.device)[0]  # equal model calls on every rank
@@ -269,10 +313,11 @@ class ADE20KSegmentation(DenseTask):
             logits = F.interpolate(logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)
             if keep[0]:
                 totals += intersect_and_union(logits[0].argmax(0), label.to(world.device), k,
-                                              t.ignore_index).to(totals)
+                                              IGNORE_INDEX).to(totals)
         metrics = summarize(all_reduce_sum(totals).cpu())
         percent = lambda v: None if v is None else 100 * v  # noqa: E731  (as papers and COCO AP report)
-        return {k: [percent(x) for x in v] if isinstance(v, list) else percent(v) for k, v in metrics.items()}
+        return {**{k: [percent(x) for x in v] if isinstance(v, list) else percent(v) for k, v in metrics.items()},
+                "unreadable": split.unreadable()}
 
 
 TASKS = {task.name: task for task in (Classification, CocoDetection, ADE20KSegmentation)}

@@ -21,7 +21,7 @@ from vit.checkpoint import Checkpointer
 from vit.config import accumulation_steps, total_steps
 from vit.data.loader import DataPosition, build_loader
 from vit.data.sources import DataError
-from vit.distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed
+from vit.distributed import all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed
 from vit.journal import Journal
 from vit.metrics import MetricsLogger
 from vit.optim import build_optimizer, clip_grad_norm_, learning_rate, set_lr
@@ -62,6 +62,19 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def evaluate(task, model, val_source, world, run_dir: Path, step: int, journal: Journal,
+             logger: MetricsLogger) -> None:
+    """Score the whole val split (collective) and record it: eval/step-N.json, metrics, journal."""
+    model.eval()
+    metrics = task.evaluate(model, val_source, world)
+    model.train()
+    if world.is_main:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        write_evaluation(run_dir, step, metrics)
+        logger.write({"step": step, **scalars})
+        journal.write("evaluation", step, **scalars)
 
 
 def train(cfg: DictConfig, progress: dict | None = None) -> dict:
@@ -109,7 +122,19 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                         every_minutes=cfg.checkpoint.every_minutes, async_save=cfg.checkpoint.async_save,
                         journal=journal)
     step, position, bad_samples = 0, DataPosition(), 0
-    resumed = ckpt.load_latest(model, optimizer)
+
+    def incompatible(saved: dict) -> str | None:
+        was = saved["config"]
+        for key, then, now in (("model.name", was["model"]["name"], cfg.model.name),
+                               ("task", was.get("task", {}).get("name"), cfg.get("task", {}).get("name")),
+                               ("data.img_size", was["data"]["img_size"], cfg.data.img_size)):
+            if then != now:
+                return f"{key}: {then} there, {now} now"
+        if saved["classes"] != source.classes:
+            return f"classes: {len(saved['classes'])} there, {len(source.classes)} now, or in another order"
+        return None
+
+    resumed = ckpt.load_latest(model, optimizer, incompatible)
     if not resumed and ckpt.failed_loads:  # a checkpoint that failed part-way may have overwritten some weights
         model = optimizer = None
         model, optimizer = build_model_and_optimizer()
@@ -126,7 +151,12 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
             print(f"resumed from {resumed['path']} (step {step}, epoch {position.epoch}, "
                   f"saved on {resumed['world_size']} ranks, now {world.world_size})", flush=True)
     if step >= steps:
-        if main:
+        # A stop that came at the last step skipped the final evaluation: it is owed.
+        if val_source is not None and not broadcast_object((run_dir / "eval" / f"step-{step}.json").exists()):
+            logger = MetricsLogger(str(run_dir), main, steps, step, 0.0, world.world_size, device, progress=False)
+            evaluate(task, model, val_source, world, run_dir, step, journal, logger)
+            logger.close()
+        elif main:
             print(f"run {run_dir} is already complete ({step}/{steps} steps); nothing to do", flush=True)
         return {"state": "completed", "step": step, "total_steps": steps}
     flops_per_image = task.flops_per_image(num_classes)
@@ -176,7 +206,9 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         stop_code, time_due, saving = all_reduce_max(
             [StopRequest.code(stop.kind), int(ckpt.time_due()), int(not ckpt.pending_done())], device)
         stop_kind = StopRequest.kind_of(stop_code)
-        if step % cfg.train.log_every == 0 or step == steps or stop_kind:
+        save_due = ckpt.step_due(step) or time_due or stop_kind or step == steps
+        # Every save logs too, so the bad-sample count it stores covers all the steps it holds.
+        if step % cfg.train.log_every == 0 or save_due:
             totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(window_bad), device=device)]))
             bad_samples += int(totals[1].item())
             mean_loss = totals[0].item() / (global_batch * window_steps)
@@ -194,7 +226,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                                 "repair the dataset or raise data.max_bad_fraction")
         if stop_kind:
             journal.write("stop_signal", step, kind=stop_kind)
-        if ckpt.step_due(step) or time_due or stop_kind or step == steps:
+        if save_due:
             ckpt.save(step, model, optimizer, train_state())
             if stop_kind and main:
                 print(f"stop requested ({stop_kind}): checkpoint at step {step} saved in "
@@ -202,14 +234,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         elif ckpt.pending is not None and not saving:
             ckpt.finish()
         if val_source is not None and not stop_kind and (step % cfg.train.eval_every == 0 or step == steps):
-            model.eval()
-            metrics = task.evaluate(model, val_source, world)
-            model.train()
-            if main:
-                scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                write_evaluation(run_dir, step, metrics)
-                logger.write({"step": step, **scalars})
-                journal.write("evaluation", step, **scalars)
+            evaluate(task, model, val_source, world, run_dir, step, journal, logger)
         if stop_kind:
             break
     ckpt.finish()

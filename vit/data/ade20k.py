@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from vit.data.imagefolder import DataError
-from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _Normalize, open_image
+from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _Normalize, decode, open_image
 
 SPLITS = {"train": "training", "val": "validation"}
 CLASSES = (
@@ -116,7 +116,7 @@ class ADE20K:
 
     def load(self, index: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         with open_image(self.describe(index)) as img:
-            img = img.convert("RGB")
+            img, _ = decode(img)
         label = self.read_label(index)
         if img.size != label.shape[::-1]:
             raise ValueError(f"{self.describe(index)} is {img.size[0]}x{img.size[1]} but its label "

@@ -6,7 +6,8 @@ Labels are 1..K in category-id order, 0 being background as in torchvision's det
 
 Every sample is an S x S canvas: the image at the top left, zero padding (after normalisation)
 at the bottom and right, so that a batch stacks. `target["scale"]` is canvas pixels per original
-pixel: eval boxes divided by it are in the JSON's coordinates again.
+pixel: eval boxes divided by it are in the JSON's coordinates again, and `target["size"]` (the
+original width and height) bounds them.
 
 The resize samples only the part of the image that stays on the canvas (PIL's `box`), and JPEGs
 are DCT-reduced first when the resize more than halves them: at LSJ's r = 2 most of the upscaled
@@ -93,7 +94,7 @@ def _read_json(ann_file: Path) -> dict:
 
 
 class CocoDetection:
-    """Map-style detection source: (image [3, S, S], {"boxes", "labels", "image_id", "scale"}).
+    """Map-style detection source: (image [3, S, S], {"boxes", "labels", "image_id", "scale", "size"}).
 
     Crowd regions are never targets. Training samples only images with a non-crowd box (as ViTDet
     does: an empty image teaches nothing but background); eval keeps every image.
@@ -160,4 +161,4 @@ class CocoDetection:
         if flip:
             boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
         return image, {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
-                       "image_id": int(image_id), "scale": float(scale)}
+                       "image_id": int(image_id), "scale": float(scale), "size": (width, height)}

@@ -21,6 +21,7 @@ import math
 import random
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -77,7 +78,18 @@ def decode(img: Image.Image, draft_size: tuple[int, int] | None = None) -> tuple
         if drafted is not None:
             reduction = width / drafted[1][2]  # drafted box = (0, 0, width / reduction, height / reduction)
     img.load()
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _gray_to_8bit(img)
     return (img if img.mode == "RGB" else img.convert("RGB")), reduction
+
+
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (PNG, TIFF: modes I;16* and I) scaled to 8 bits. PIL's convert("RGB")
+    would clamp every value above 255, turning such an image white without an error."""
+    values = np.asarray(img)
+    if img.mode == "F" or values.min() < 0 or values.max() > 65535:
+        raise ValueError(f"unsupported {img.mode} image (not 8- or 16-bit unsigned)")
+    return Image.fromarray((values >> 8).astype(np.uint8), "L")
 
 
 def _rgbx(img: Image.Image) -> torch.Tensor:
