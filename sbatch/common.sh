@@ -9,13 +9,20 @@
 #   DATA_ROOT       dataset root                    [the data config's default, from $COCO_ROOT / $ADE20K_ROOT]
 #   PRETRAINED      pretrained weights: a pretraining run dir, a step-N checkpoint or an exported
 #                   .safetensors file               [$VIT_PRETRAINED, else none: train from scratch]
-#   VIT_OVERRIDES   extra Hydra overrides, separated by spaces, e.g. "train.steps=90000 cluster.max_requeues=60"
-#                   (each word is one argument; nothing is evaluated by the shell)
+#   VIT_OVERRIDES   extra Hydra overrides, separated by spaces or newlines, e.g. "train.steps=90000 optim.lr=5e-5"
+#                   (each word is one argument; nothing is evaluated by the shell). They are composed
+#                   once before srun: a typo ends the job there, not requeued.
 #   PROCS_PER_NODE  ranks per node                  [the GPUs Slurm gave the node, else 1]
 #   MAX_REQUEUES    time-limit requeues allowed     [40]
 #   SIGNAL_LEAD_S   the lead of --signal=USR2@LEAD  [300]
 #   PYTHON          interpreter with the project installed [python3]
 #   VIT_HOME        the repository                  [the one holding the submitted script]
+
+hydra_quoted() {  # VALUE as a Hydra override's quoted string: no sweep (','), grammar or interpolation
+  local v="${1//\'/\\\'}"
+  v="${v//\$\{/\\\$\{}"
+  printf "'%s'" "$v"
+}
 
 gpus_on_node() {  # SLURM_GPUS_ON_NODE when GPUs are allocated; --gpus-per-node may read "h100:8"
   local n="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
@@ -29,11 +36,11 @@ vit_finetune() {
   set -f  # VIT_OVERRIDES words are arguments, never globs
   local run_dir="${RUN_DIR:-runs/$task}"
   [[ "$run_dir" = /* ]] || run_dir="$SLURM_SUBMIT_DIR/$run_dir"
-  local -a args=("task=$task" "run_dir=$run_dir")
-  [[ -n "${DATA_ROOT:-}" ]] && args+=("data.root=$DATA_ROOT")
-  [[ -n "${PRETRAINED:-}" ]] && args+=("pretrained=$PRETRAINED")
+  local -a args=("task=$task" "run_dir=$(hydra_quoted "$run_dir")")
+  [[ -n "${DATA_ROOT:-}" ]] && args+=("data.root=$(hydra_quoted "$DATA_ROOT")")
+  [[ -n "${PRETRAINED:-}" ]] && args+=("pretrained=$(hydra_quoted "$PRETRAINED")")
   local -a extra
-  read -r -a extra <<< "${VIT_OVERRIDES:-}"
+  read -r -d '' -a extra <<< "${VIT_OVERRIDES:-}" || true  # every line's words
   args+=("${extra[@]}")
 
   mkdir -p "$run_dir/slurm"
@@ -41,6 +48,12 @@ vit_finetune() {
   exec >>"$run_dir/slurm/job-$SLURM_JOB_ID.out" 2>&1
   echo "== $(date -Is) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST: $task ${args[*]}"
   cd "$VIT_HOME"
+  # A typo in the overrides fails here, once, in the log, instead of on every rank after torchrun
+  # started (where it leaves no status behind and reads as a crash to requeue).
+  if ! "${PYTHON:-python3}" jobs/finetune.py "${args[@]}" --cfg job >/dev/null; then
+    echo "error: the settings above do not make a valid config; the job ends here and is not requeued"
+    exit 1
+  fi
   # One agent per node; without B: in --signal, Slurm sends USR2 to each of them.
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 --open-mode=append \
     --output="$run_dir/slurm/job-$SLURM_JOB_ID-node%n.out" \

@@ -18,7 +18,7 @@
 #SBATCH --output=vit-ade20k-%j.out
 set -euo pipefail
 # Slurm runs a spooled copy of this script: find the repository from the path that was submitted.
-submitted=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+submitted=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\(.*[^ ]\) *$/\1/p')
 export VIT_HOME="${VIT_HOME:-$(cd "$(dirname "$submitted")/.." && pwd)}"
 source "$VIT_HOME/sbatch/common.sh"
 vit_finetune ade20k

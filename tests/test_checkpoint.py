@@ -325,20 +325,23 @@ def test_adamw_moments_and_step_counts_survive_a_round_trip(tmp_path, world_size
 
 # --- stop and resume on the same world size: bitwise -------------------------------------------------
 
-def test_resume_after_an_evaluation_is_bitwise_and_a_skipped_final_evaluation_is_made_up(tmp_path):
+def test_resume_after_an_evaluation_is_bitwise_and_skipped_evaluations_are_made_up(tmp_path):
     """Drop path draws from the global RNG, which the checkpoint saves before an evaluation: the
-    evaluation must not move it, or the uninterrupted run and a resumed one diverge. A stop at the
-    last step skips the final evaluation; the next start makes it up, not "nothing to do"."""
+    evaluation must not move it, or the uninterrupted run and a resumed one diverge. A stop skips
+    the evaluation due at its step, the final one included; the next start makes it up."""
     common = ["train.steps=6", "train.eval_every=2", "checkpoint.every_steps=2", "model.drop_path_rate=0.2"]
     straight, run = tmp_path / "straight", tmp_path / "run"
     run_job(straight, *common)
     run_job(run, *common, "train.stop_after_steps=2")
+    assert not (run / "eval/step-2.json").exists()
     run_job(run, *common, "train.stop_after_steps=4")  # resumes at step 2, stops at the last step
     assert_bitwise(losses(run), losses(straight), range(1, 7))
     assert not (run / "eval/step-6.json").exists()
     third = run_job(run, *common)
     assert "nothing to do" not in third.stdout
-    assert json.loads((run / "eval/step-6.json").read_text()) == json.loads((straight / "eval/step-6.json").read_text())
+    for step in (2, 4, 6):
+        assert json.loads((run / f"eval/step-{step}.json").read_text()) == json.loads(
+            (straight / f"eval/step-{step}.json").read_text()), step
     assert "nothing to do" in run_job(run, *common).stdout
 
 

@@ -30,6 +30,25 @@ def job_logs(run_dir):
     return sorted((run_dir / "slurm").glob("job-*.out"))
 
 
+def test_a_crash_loop_is_failures_without_a_new_checkpoint():
+    """The requeue policy alone. Equal failures often differ in their text (a peer's port) or have
+    none (rank 0 killed): what counts is whether a checkpoint was made in between."""
+    from vit.slurm import requeue_decision
+
+    failed = {"state": "failed", "step": 13, "error": "Connection closed by peer [127.0.0.1]:31458"}
+    earlier = [{"cause": "failure", "step": 13, "checkpoint": 10, "error": f"Connection closed by peer [...]:{p}"}
+               for p in (20811, 27045)]
+    requeue, reason = requeue_decision(failed, "failure", earlier, 40, 3, checkpoint=10)
+    assert not requeue and reason.startswith("crash loop: 3 failures in a row since the checkpoint of step 10"), reason
+    assert requeue_decision(failed, "failure", earlier, 40, 3, checkpoint=20)[0]  # progress: requeue
+    stop = {"cause": "time_limit", "step": 12, "checkpoint": 10}
+    assert requeue_decision(failed, "failure", [earlier[0], stop, earlier[1]], 40, 3, checkpoint=10)[0]
+    assert requeue_decision(failed, "failure", earlier[:1], 40, 3, checkpoint=10)[0]  # only the second
+    killed = {"state": "failed", "error": "workers exited with code 1 (killed or crashed)"}
+    assert not requeue_decision(killed, "failure", [{"cause": "failure", "checkpoint": None}] * 2, 40, 3, None)[0]
+    assert not requeue_decision(failed, "failure", [], 40, 1, checkpoint=10)[0]  # a limit of 1: never requeue one
+
+
 @pytest.mark.parametrize("task", ["coco", "ade20k"])
 def test_sbatch_script_is_signalled_requeued_and_resumed_to_the_end(slurm_env, tmp_path, task):
     pretrain = tmp_path / "pretrain"
@@ -97,3 +116,20 @@ def test_sbatch_user_error_fails_at_job_start_in_one_line_and_is_not_requeued(sl
     assert errors and all(e.startswith("error: train.micro_batch: 3 per rank x 2 ranks does not divide") for e in errors), text
     assert "not requeueing: configuration or data error, fix it and resubmit: train.micro_batch" in text, text
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "slurm" / "requeues.jsonl").exists()
+
+
+def test_sbatch_override_typo_fails_once_at_job_start_and_is_not_requeued(slurm_env, tmp_path):
+    """An override that does not compose leaves no status behind on the ranks: caught before srun,
+    the job ends at once instead of failing on every node and being requeued as a crash. A run
+    directory with a quote and a comma reaches Hydra quoted."""
+    data = make_ade20k(tmp_path / "ade", n_train=16, n_val=4)
+    run_dir = tmp_path / "it's,odd"
+    overrides = [o for o in TINY_ADE if not o.startswith("task=")] + ["train.stepz=4"]
+    env = {**slurm_env, "RUN_DIR": str(run_dir), "DATA_ROOT": str(data), "VIT_OVERRIDES": "\n".join(overrides),
+           "PYTHON": sys.executable}
+    job = sbatch([*MINICLUSTER, str(ROOT / "sbatch" / "finetune_ade20k.sh")], env, cwd=tmp_path)
+    state = wait_job(job, slurm_env, timeout=300, log_files=[tmp_path / f"vit-ade20k-{job}.out"])
+    text = "\n".join(p.read_text(errors="replace") for p in job_logs(run_dir))
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", f"{state}\n{dump_logs(slurm_env, job_logs(run_dir))}"
+    assert "Could not override 'train.stepz'" in text and "is not requeued" in text, text
+    assert not list((run_dir / "slurm").glob("job-*-node*.out")) and not (run_dir / "status.json").exists()

@@ -177,7 +177,8 @@ def test_crash_loop_stops_requeueing(slurm_env, tmp_path):
     assert state["Restarts"] == "2", state  # 3 identical failures: the first two are requeued
     assert requeue_causes(run_dir) == ["failure", "failure"]
     text = log_text(run_dir)
-    assert re.search(r"not requeueing: crash loop: the same failure at step 2 3 times in a row", text), text[-3000:]
+    assert re.search(r"not requeueing: crash loop: 3 failures in a row since the start, with no checkpoint yet "
+                     r"\(last at step 2: ", text), text[-3000:]
 
 
 def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, tmp_path):
@@ -224,6 +225,12 @@ def _is_torchrun(pid: int) -> bool:
     (["name='smoke;touch /tmp/pwned'"], "name"),  # quoted, as Hydra's grammar requires
     (["train.micro_batch=24"], "train.micro_batch"),
     (["data=imagenet21k", "data.root=/no/such/dataset"], "data.root"),
+    (["train.global_batch=15"], "train.global_batch"),  # 2 ranks: no micro-batch can fix this split
+    (["cluster.nodes=0"], "cluster.nodes"),
+    (["cluster.time_min=0"], "cluster.time_min"),
+    (["cluster.signal_lead_s=3000"], "cluster.signal_lead_s"),
+    (["hydra.launcher.name='smoke\ntouch /tmp/pwned\n#'"], "hydra.launcher.name"),  # a newline ends #SBATCH
+    (["+tag=a/b,a_b"], "run_dir"),  # two points, one directory
 ])
 def test_bad_submissions_are_rejected_before_anything_is_queued(slurm_env, tmp_path, overrides, key):
     before = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_env, capture_output=True, text=True).stdout

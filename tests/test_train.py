@@ -91,6 +91,9 @@ def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(t
     ("optim.warmup_steps=500", "optim.warmup_steps"),
     ("optim.lr=-1", "optim.lr"),
     ("data=imagenet21k", "data.root"),
+    ("train.log_every=0", "train.log_every"),
+    ("train.global_batch=0", "train.global_batch"),
+    ("cluster=minicluster", "cluster"),  # a Slurm cluster without -m would train here, on the login node
 ])
 def test_bad_input_fails_early_in_one_line(tmp_path, override, key):
     proc = subprocess.run([sys.executable, "jobs/pretrain.py", "experiment=smoke", f"run_dir={tmp_path}", override,

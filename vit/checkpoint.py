@@ -48,7 +48,12 @@ TRAIN_STATE = "train_state.json"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot serve, or a full disk: the user must act (not requeued)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed for another reason (an I/O error): the job is requeued, and resumes from
+    the previous checkpoint, which is kept."""
 
 
 # --- reading DCP metadata without arbitrary pickle -------------------------------------------------
@@ -268,7 +273,9 @@ class Checkpointer:
         previous = valid_checkpoints(self.root, warn=False)
         keep = f"the previous checkpoint {previous[0]} is kept" if previous else "there is no earlier checkpoint"
         cause = "disk full: No space left on device" if disk_full else _root_cause(error)
-        raise CheckpointError(f"saving {path} failed ({cause}); {keep}") from error
+        if disk_full or "No space left" in cause:
+            raise CheckpointError(f"saving {path} failed ({cause}); {keep}") from error
+        raise CheckpointSaveError(f"saving {path} failed ({cause}); {keep}") from error
 
     def _commit(self, step: int, path: Path, started: float) -> None:
         barrier()  # every rank's shards are written and synced

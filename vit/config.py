@@ -19,6 +19,10 @@ class ConfigError(ValueError):
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
     """Micro-batch per rank x world size x accumulation = global batch; the accumulation is derived."""
+    if global_batch <= 0 or global_batch % world_size:
+        raise ConfigError("train.global_batch", f"{global_batch} is not a positive multiple of the {world_size} ranks "
+                          "(cluster.nodes x cluster.procs_per_node)",
+                          f"use a multiple of {world_size}, or a node count whose ranks divide {global_batch}")
     per_step = micro_batch * world_size
     if micro_batch <= 0 or global_batch % per_step:
         divisors = [d for d in range(1, global_batch // world_size + 1) if global_batch % (d * world_size) == 0]
@@ -39,12 +43,51 @@ def total_steps(cfg: DictConfig, num_samples: int) -> int:
 
 def max_requeues(run_hours: float, time_limit_min: float, margin: float = 1.5, spare: int = 5) -> int:
     """Time-limit requeues a run needs (run length / time limit), with margin for slow or lost steps."""
+    if time_limit_min <= 0:  # resolved as Hydra builds the launcher; validate_submission names the key
+        return 0
     return math.ceil(math.ceil(run_hours * 60 / time_limit_min) * margin) + spare
 
 
 OmegaConf.register_new_resolver("max_requeues", max_requeues, replace=True)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_submission(cfg: DictConfig) -> None:
+    """What a Slurm submission needs beyond `validate`: a sane allocation, and no value that could
+    break out of its line in the generated sbatch script (a newline ends an #SBATCH directive and
+    starts a shell command)."""
+    cluster = cfg.cluster
+    for key in ("nodes", "procs_per_node", "time_min", "crash_loop_limit"):
+        if type(cluster[key]) is not int or cluster[key] < 1:
+            raise ConfigError(f"cluster.{key}", f"must be a positive integer, got {cluster[key]!r}",
+                              f"set cluster.{key} to an integer >= 1")
+    if cluster.gpus_per_node and cluster.procs_per_node > cluster.gpus_per_node:
+        raise ConfigError("cluster.procs_per_node", f"{cluster.procs_per_node} ranks but {cluster.gpus_per_node} GPUs per node",
+                          "use one rank per GPU: cluster.procs_per_node=${.gpus_per_node}")
+    if not 0 < cluster.signal_lead_s < 60 * cluster.time_min:
+        raise ConfigError("cluster.signal_lead_s", f"{cluster.signal_lead_s} s is not inside the {cluster.time_min}-minute "
+                          "time limit", "warn a few minutes before the limit, e.g. cluster.signal_lead_s=300")
+    if type(cluster.max_requeues) is not int or cluster.max_requeues < 0:
+        raise ConfigError("cluster.max_requeues", f"must be an integer >= 0, got {cluster.max_requeues!r}",
+                          "set cluster.max_requeues or cluster.expected_run_hours")
+    values = {"run_dir": cfg.run_dir, **{f"hydra.launcher.{k}": v for k, v in
+                                         _leaves(OmegaConf.to_container(cfg.hydra.launcher, resolve=True))}}
+    for key, value in values.items():
+        if isinstance(value, str) and CONTROL_CHARACTERS.search(value):
+            raise ConfigError(key, f"{value!r} holds a control character (e.g. a newline)",
+                              "remove it: the value goes into the sbatch script")
+
+
+def _leaves(tree, prefix: str = ""):
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, (dict, list)):
+            yield from _leaves(v, key + ".")
+        else:
+            yield key, v
 
 
 def validate(cfg: DictConfig, world_size: int) -> None:
@@ -61,6 +104,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("optim.warmup_steps", "must be >= 0", "set optim.warmup_steps=0 for no warmup")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError("train.grad_clip", "must be positive or null", "set train.grad_clip=1.0 or null")
+    for key in ("log_every", "global_batch"):
+        if type(cfg.train[key]) is not int or cfg.train[key] < 1:
+            raise ConfigError(f"train.{key}", f"must be a positive integer, got {cfg.train[key]!r}",
+                              f"set train.{key} to an integer >= 1")
+    if cfg.train.eval_every is not None and cfg.train.eval_every < 0:
+        raise ConfigError("train.eval_every", f"must be >= 0, got {cfg.train.eval_every}", "set 0 for no evaluation")
     if cfg.train.loss not in ("softmax", "sigmoid"):
         raise ConfigError("train.loss", f"unknown loss {cfg.train.loss!r}", "use softmax or sigmoid")
     if cfg.train.precision not in ("auto", "bf16", "fp32"):

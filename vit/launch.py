@@ -73,13 +73,14 @@ def run_training(cfg: DictConfig) -> dict:
         # Python restores default handlers while it shuts down, and USR2's default is to die: a stop
         # signal that arrives after the final save must not turn a finished rank into a crashed one.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    # The checkpoint is committed on every rank: record the outcome before anything can still die.
+    if rank == 0:
+        write_status(cfg.run_dir, **summary)
     # Leave the group only after a clean end (after a failure a peer may sit in a collective). The
     # model and optimizer, train's locals, hold process-group state: free them first, or gloo can
     # abort at exit ("terminate called without an active exception").
     gc.collect()
     close()
-    if rank == 0:
-        write_status(cfg.run_dir, **summary)
     return summary
 
 
@@ -108,8 +109,11 @@ def main(cfg: DictConfig) -> dict | None:
         from vit.plan import format_plan, plan
         print(format_plan(plan(cfg)))
         return None
-    if cfg.cluster.launcher == "slurm" and "SLURM_JOB_ID" in os.environ and "RANK" not in os.environ:
-        return run_slurm_node(cfg)
+    if cfg.cluster.launcher == "slurm" and "RANK" not in os.environ:
+        if "SLURM_JOB_ID" in os.environ:
+            return run_slurm_node(cfg)
+        fail(ConfigError("cluster", f"{cfg.cluster.nodes}-node Slurm cluster config without -m would train here, "
+                         "on this machine", "submit it with -m (python jobs/<script>.py -m cluster=...)"))
     return run_training(cfg)
 
 

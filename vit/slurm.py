@@ -9,7 +9,7 @@ plain sbatch scripts as `python -m vit.slurm --run-dir DIR -- SCRIPT [ARGS]`. Th
     -> each worker's handler sets a flag; the ranks all-reduce it at the next step boundary,
        all save the same step, and exit 0
     -> the agent on node 0 reads <run_dir>/status.json and requeues the job (`scontrol requeue`),
-       unless the run completed, hit its requeue limit, or is crashing at the same step again and again.
+       unless the run completed, hit its requeue limit, or keeps failing without a new checkpoint.
 
 torchrun runs as a child process rather than in-process (`elastic_launch`), so that it can be
 shielded from USR2 and so that a crash of the workers never takes the agent's decision with it.
@@ -87,10 +87,18 @@ def descendants(pid: int) -> list[int]:
 # --- requeue policy -----------------------------------------------------------------------------
 
 def time_left_s(job_id: str) -> float | None:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=60)
-    text = out.stdout.strip()
-    if out.returncode or not text or text in ("UNLIMITED", "NOT_SET", "INVALID"):
+    """Seconds to the job's time limit: squeue's answer, else the end time Slurm put in the job's
+    environment; None if neither is known (a slow or failing squeue must not cost the decision)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=60)
+        text = out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    if text in ("UNLIMITED", "NOT_SET", "INVALID"):
         return None
+    if not text:
+        end = os.environ.get("SLURM_JOB_END_TIME", "")
+        return float(end) - time.time() if end.isdigit() and int(end) > 0 else None
     days, _, clock = text.rpartition("-")
     parts = [int(p) for p in clock.split(":")]
     while len(parts) < 3:
@@ -113,9 +121,24 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step named by `checkpoints/latest` (rewritten after every commit); read without torch."""
+    try:
+        name = (run_dir / "checkpoints" / "latest").read_text().strip()
+    except OSError:
+        return None
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
 def requeue_decision(status: dict, cause: str | None, history: list[dict], max_requeues: int,
-                     crash_loop_limit: int) -> tuple[bool, str]:
-    """Whether to requeue after the workers ended, and why (the reason is logged and shown to the user)."""
+                     crash_loop_limit: int, checkpoint: int | None = None) -> tuple[bool, str]:
+    """Whether to requeue after the workers ended, and why (the reason is logged and shown to the user).
+
+    A crash loop is `crash_loop_limit` failures in a row with no new checkpoint in between
+    (`checkpoint` is the newest one's step now; failures record theirs). Progress is judged by
+    checkpoints, not by the error text, which often differs between equal failures (a peer's port
+    in a connection error) or is unknown (a rank killed before it could write its status).
+    """
     state = status.get("state")
     if state == "completed":
         return False, "training completed"
@@ -129,14 +152,16 @@ def requeue_decision(status: dict, cause: str | None, history: list[dict], max_r
     if state == "stopped":
         timeouts = sum(1 for h in history if h.get("cause") == "time_limit")
         if cause == "time_limit" and timeouts >= max_requeues:
-            return False, f"reached cluster.max_requeues={max_requeues} time-limit requeues; raise it and requeue"
+            return False, f"reached cluster.max_requeues={max_requeues} time-limit requeues; raise it and resubmit"
         return True, f"stopped ({cause}) at step {status.get('step')}"
-    failure = (status.get("step"), status.get("error"))
-    recent = [h for h in history[-(crash_loop_limit - 1):] if h.get("cause") == "failure"] if crash_loop_limit > 1 else []
-    if len(recent) == crash_loop_limit - 1 and all((h.get("step"), h.get("error")) == failure for h in recent):
-        return False, (f"crash loop: the same failure at step {failure[0]} {crash_loop_limit} times in a row "
-                       f"({failure[1]}); not requeueing (cluster.crash_loop_limit={crash_loop_limit})")
-    return True, f"failed at step {failure[0]} ({failure[1]})"
+    recent = history[len(history) - crash_loop_limit + 1:] if crash_loop_limit > 1 else []
+    if len(recent) == crash_loop_limit - 1 and all(
+            h.get("cause") == "failure" and h.get("checkpoint", "unknown") == checkpoint for h in recent):
+        since = f"the checkpoint of step {checkpoint}" if checkpoint is not None else "the start, with no checkpoint yet"
+        return False, (f"crash loop: {crash_loop_limit} failures in a row since {since} (last at step "
+                       f"{status.get('step')}: {status.get('error')}); not requeueing "
+                       f"(cluster.crash_loop_limit={crash_loop_limit})")
+    return True, f"failed at step {status.get('step')} ({status.get('error')})"
 
 
 def submitit_python() -> str:
@@ -228,6 +253,25 @@ class NodeAgent:
             return 0 if code == 0 or self._status().get("state") in ("completed", "stopped") else 1
         return self.decide(code)
 
+    def _requeue(self, attempts: int = 4, wait_s: float = 5) -> str | None:
+        """`scontrol requeue`, retried for 35 s: a busy or restarting slurmctld must not end a 3-week
+        run, and the job must still be running (within its time limit) when it is requeued.
+        Returns None on success, else the last error."""
+        error = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(wait_s * 2 ** (attempt - 1))
+            try:
+                out = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                error = str(e)
+                continue
+            if out.returncode == 0:
+                return None
+            error = (out.stderr or out.stdout).strip() or f"exit status {out.returncode}"
+            self.log(f"scontrol requeue failed (attempt {attempt + 1} of {attempts}): {error}")
+        return error
+
     def _status(self) -> dict:
         path = self.run_dir / "status.json"
         try:
@@ -248,18 +292,27 @@ class NodeAgent:
             status = {**status, "state": "failed", "error": status.get("error")
                       or f"workers exited with code {code} (killed or crashed)"}
         cause = self.stop_cause or classify_stop(status.get("stop"), None, self.signal_lead_s)
-        requeue, reason = requeue_decision(status, cause if status.get("state") == "stopped" else "failure",
-                                           read_log(self.run_dir), self.max_requeues, self.crash_loop_limit)
+        cause = cause if status.get("state") == "stopped" else "failure"
+        checkpoint = latest_checkpoint_step(self.run_dir)
+        requeue, reason = requeue_decision(status, cause, read_log(self.run_dir), self.max_requeues,
+                                           self.crash_loop_limit, checkpoint)
         if requeue:
-            with open(self.run_dir / "slurm" / REQUEUE_LOG, "a") as f:
-                f.write(json.dumps({"time": time.time(), "job_id": self.job_id, "restart": int(
-                    os.environ.get("SLURM_RESTART_COUNT", 0)), "cause": cause if status.get("state") == "stopped"
-                    else "failure", "step": status.get("step"), "error": status.get("error")}) + "\n")
             self.log(f"requeueing: {reason}")
-            self.journal.write("requeue", status.get("step"), cause=cause if status.get("state") == "stopped"
-                               else "failure", reason=reason, stop_seconds=self._stop_seconds())
-            subprocess.run(["scontrol", "requeue", self.job_id], check=True, timeout=120)
-            return 0
+            # Logged first: once requeued, Slurm ends this job's processes, and the log is what the
+            # limits and the crash-loop check count. Taken back if the requeue fails.
+            log = self.run_dir / "slurm" / REQUEUE_LOG
+            before = log.stat().st_size if log.exists() else 0
+            with open(log, "a") as f:
+                f.write(json.dumps({"time": time.time(), "job_id": self.job_id, "restart": int(
+                    os.environ.get("SLURM_RESTART_COUNT", 0)), "cause": cause, "step": status.get("step"),
+                    "checkpoint": checkpoint, "error": status.get("error")}) + "\n")
+            error = self._requeue()
+            if error is None:
+                self.journal.write("requeue", status.get("step"), cause=cause, reason=reason,
+                                   stop_seconds=self._stop_seconds())
+                return 0
+            os.truncate(log, before)
+            reason = f"scontrol requeue {self.job_id} failed ({error}); requeue the job by hand"
         self.log(f"not requeueing: {reason}")
         self.journal.write("agent_exit", status.get("step"), state=status.get("state"), reason=reason)
         return 0 if status.get("state") == "completed" else 1
@@ -272,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="the run directory SCRIPT writes (status.json, checkpoints)")
     parser.add_argument("--procs-per-node", type=int, default=1, help="ranks on this node (one per GPU)")
     parser.add_argument("--max-requeues", type=int, default=40, help="time-limit requeues before giving up")
-    parser.add_argument("--crash-loop-limit", type=int, default=3, help="the same failure this often: stop requeueing")
+    parser.add_argument("--crash-loop-limit", type=int, default=3,
+                        help="failures in a row without a new checkpoint before requeueing stops")
     parser.add_argument("--signal-lead-s", type=float, default=300, help="the lead of sbatch --signal=USR2@LEAD")
     parser.add_argument("worker", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...], run by torchrun on every rank")
     args = parser.parse_args(argv)

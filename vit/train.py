@@ -150,9 +150,11 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         if main:
             print(f"resumed from {resumed['path']} (step {step}, epoch {position.epoch}, "
                   f"saved on {resumed['world_size']} ranks, now {world.world_size})", flush=True)
+    # A stop skips the evaluation due at its step (it must not delay the save's exit): it is owed now.
+    owed_eval = (val_source is not None and step > 0 and (step % cfg.train.eval_every == 0 or step >= steps)
+                 and not broadcast_object((run_dir / "eval" / f"step-{step}.json").exists()))
     if step >= steps:
-        # A stop that came at the last step skipped the final evaluation: it is owed.
-        if val_source is not None and not broadcast_object((run_dir / "eval" / f"step-{step}.json").exists()):
+        if owed_eval:
             logger = MetricsLogger(str(run_dir), main, steps, step, 0.0, world.world_size, device, progress=False)
             evaluate(task, model, val_source, world, run_dir, step, journal, logger)
             logger.close()
@@ -174,6 +176,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     stop = StopRequest().install()
     logger = MetricsLogger(str(run_dir), main, steps, step, flops_per_image, world.world_size, device,
                            progress=cfg.train.progress)
+    if owed_eval:
+        evaluate(task, model, val_source, world, run_dir, step, journal, logger)
 
     def train_state() -> dict:
         return {"data": {"epoch": position.epoch, "offset": position.offset}, "bad_samples": bad_samples,

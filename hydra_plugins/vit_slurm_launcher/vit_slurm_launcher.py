@@ -3,7 +3,8 @@
 * It returns once the jobs are queued (the stock one waits for results, i.e. for weeks) and prints
   each job's ID, run directory, logs and follow-up commands. `hydra.launcher.wait=true` waits.
 * Every sweep point is validated on the login node before anything is submitted: a bad config, an
-  impossible batch split, a missing dataset or an unsafe job name stops the whole submission.
+  impossible batch split or allocation, a missing dataset, an unsafe job name, a control character
+  bound for the sbatch script or two points sharing a run directory stops the whole submission.
 * Each point gets a run directory fixed at submission time, so every requeue finds it again.
 * A job whose task raised is reported as failed to Slurm and submitit (the stock one swallows it).
 """
@@ -45,14 +46,15 @@ class VitSlurmLauncher(SlurmLauncher):
             point = "_".join(o.replace("=", "-") for o in overrides if o.split("=", 1)[0] in swept)
             point = re.sub(r"[^A-Za-z0-9._-]+", "_", point)
             # quoted: a bare value with ',' or '=' would be read by Hydra as a sweep or a syntax error
-            overrides = [*overrides, f"run_dir='{Path(cfg.run_dir) / point}'"]
+            quoted = str(Path(cfg.run_dir) / point).replace("'", "\\'").replace("${", "\\${")
+            overrides = [*overrides, f"run_dir='{quoted}'"]
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         return overrides, cfg
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from vit.config import validate
+        from vit.config import ConfigError, validate, validate_submission
         from vit.journal import Journal
         from vit.launch import USER_ERRORS, fail
         from vit.slurm import submitit_python
@@ -69,9 +71,15 @@ class VitSlurmLauncher(SlurmLauncher):
             for overrides, cfg in points:
                 print(f"# {' '.join(filter_overrides(overrides)) or cfg.name}\n{format_plan(plan(cfg))}")
             return [JobReturn(overrides=o, cfg=c, status=JobStatus.COMPLETED, _return_value=None) for o, c in points]
+        run_dirs = [str(Path(cfg.run_dir).resolve()) for _, cfg in points]
         for _, cfg in points:
             try:
+                validate_submission(cfg)
                 validate(cfg, world_size=cfg.cluster.nodes * cfg.cluster.procs_per_node)
+                if run_dirs.count(str(Path(cfg.run_dir).resolve())) > 1:
+                    raise ConfigError("run_dir", f"{cfg.run_dir} is shared by several sweep points",
+                                      "give each point its own run_dir (sweep values that differ after "
+                                      "replacing characters other than letters, digits, '.', '_' and '-')")
             except USER_ERRORS as e:
                 fail(e)  # before anything is queued
 
