@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from datasets import make_ade20k, make_coco
@@ -100,18 +101,23 @@ def test_finetune_is_submitted_by_the_hydra_launcher_too(slurm_env, tmp_path):
     assert json.loads((run_dir / "eval" / "latest.json").read_text())["step"] == 6
 
 
-def test_sbatch_user_error_fails_at_job_start_in_one_line_and_is_not_requeued(slurm_env, tmp_path):
-    """Plain sbatch runs nothing of ours before Slurm starts the script, so a bad override is caught
-    when the job starts: one line naming the key, no requeue, nothing written to checkpoints/."""
+def failed_ade20k_job(slurm_env, tmp_path, run_dir: Path, extra: list[str], separator: str = " ") -> str:
+    """Submit sbatch/finetune_ade20k.sh with bad settings; it must fail at once, not requeued. Its log."""
     data = make_ade20k(tmp_path / "ade", n_train=16, n_val=4)
-    run_dir = tmp_path / "bad"
-    overrides = [o for o in TINY_ADE if not o.startswith("task=")] + ["train.micro_batch=3", "train.steps=4"]
-    env = {**slurm_env, "RUN_DIR": str(run_dir), "DATA_ROOT": str(data), "VIT_OVERRIDES": " ".join(overrides),
+    overrides = [o for o in TINY_ADE if not o.startswith("task=")] + extra
+    env = {**slurm_env, "RUN_DIR": str(run_dir), "DATA_ROOT": str(data), "VIT_OVERRIDES": separator.join(overrides),
            "PYTHON": sys.executable}
     job = sbatch([*MINICLUSTER, str(ROOT / "sbatch" / "finetune_ade20k.sh")], env, cwd=tmp_path)
     state = wait_job(job, slurm_env, timeout=300, log_files=[tmp_path / f"vit-ade20k-{job}.out"])
-    text = "\n".join(p.read_text(errors="replace") for p in job_logs(run_dir))
     assert state["JobState"] == "FAILED" and state["Restarts"] == "0", f"{state}\n{dump_logs(slurm_env, job_logs(run_dir))}"
+    return "\n".join(p.read_text(errors="replace") for p in job_logs(run_dir))
+
+
+def test_sbatch_user_error_fails_at_job_start_in_one_line_and_is_not_requeued(slurm_env, tmp_path):
+    """Plain sbatch runs nothing of ours before Slurm starts the script, so a bad override is caught
+    when the job starts: one line naming the key, no requeue, nothing written to checkpoints/."""
+    run_dir = tmp_path / "bad"
+    text = failed_ade20k_job(slurm_env, tmp_path, run_dir, ["train.micro_batch=3", "train.steps=4"])
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert errors and all(e.startswith("error: train.micro_batch: 3 per rank x 2 ranks does not divide") for e in errors), text
     assert "not requeueing: configuration or data error, fix it and resubmit: train.micro_batch" in text, text
@@ -121,15 +127,8 @@ def test_sbatch_user_error_fails_at_job_start_in_one_line_and_is_not_requeued(sl
 def test_sbatch_override_typo_fails_once_at_job_start_and_is_not_requeued(slurm_env, tmp_path):
     """An override that does not compose leaves no status behind on the ranks: caught before srun,
     the job ends at once instead of failing on every node and being requeued as a crash. A run
-    directory with a quote and a comma reaches Hydra quoted."""
-    data = make_ade20k(tmp_path / "ade", n_train=16, n_val=4)
+    directory with a quote and a comma reaches Hydra quoted; overrides may span lines."""
     run_dir = tmp_path / "it's,odd"
-    overrides = [o for o in TINY_ADE if not o.startswith("task=")] + ["train.stepz=4"]
-    env = {**slurm_env, "RUN_DIR": str(run_dir), "DATA_ROOT": str(data), "VIT_OVERRIDES": "\n".join(overrides),
-           "PYTHON": sys.executable}
-    job = sbatch([*MINICLUSTER, str(ROOT / "sbatch" / "finetune_ade20k.sh")], env, cwd=tmp_path)
-    state = wait_job(job, slurm_env, timeout=300, log_files=[tmp_path / f"vit-ade20k-{job}.out"])
-    text = "\n".join(p.read_text(errors="replace") for p in job_logs(run_dir))
-    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", f"{state}\n{dump_logs(slurm_env, job_logs(run_dir))}"
+    text = failed_ade20k_job(slurm_env, tmp_path, run_dir, ["train.stepz=4"], separator="\n")
     assert "Could not override 'train.stepz'" in text and "is not requeued" in text, text
     assert not list((run_dir / "slurm").glob("job-*-node*.out")) and not (run_dir / "status.json").exists()
