@@ -260,10 +260,16 @@ def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_pa
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == float(lr)
 
 
-def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path):
+@pytest.mark.parametrize("usr2_first", [False, True], ids=["scancel", "usr2-then-scancel"])
+def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path, usr2_first):
+    """Also when the cancel comes while a stop is under way: Slurm requeues even a cancelled job
+    when asked, so the agent must not ask."""
     run_dir = tmp_path / "cancel"
     job = submit(slurm_env, run_dir, "train.steps=300")
     wait_for_step(run_dir, 5, slurm_env, job, log_files=logs(run_dir))
+    if usr2_first:
+        subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
+        time.sleep(0.2)
     subprocess.run(["scancel", str(job)], env=slurm_env, check=True, timeout=60)
     state = wait_job(job, slurm_env, states={"CANCELLED", "COMPLETED", "FAILED"}, timeout=180, release_held=False,
                      log_files=logs(run_dir))
@@ -271,5 +277,8 @@ def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path):
     state = job_state(job, slurm_env)
     assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", state
     text = log_text(run_dir)
-    assert "stop requested (term)" in text and "not requeueing: stopped by SIGTERM" in text, text[-3000:]
+    if usr2_first:
+        assert "not requeueing: SIGTERM after the stop signal" in text, text[-3000:]
+    else:
+        assert "stop requested (term)" in text and "not requeueing: stopped by SIGTERM" in text, text[-3000:]
     assert requeue_causes(run_dir) == []

@@ -187,6 +187,7 @@ class NodeAgent:
         self.stop_kind: str | None = None
         self.stop_cause: str | None = None
         self.stop_time: float | None = None
+        self.term_after_usr2 = False
         self.proc: subprocess.Popen | None = None
         self.last_forward = 0.0
         self.journal = Journal(run_dir)
@@ -198,6 +199,8 @@ class NodeAgent:
         # Only flags here; forwarding, the squeue call and logging happen in the wait loop.
         if self.stop_kind is None:
             self.stop_kind, self.stop_time = ("usr2" if signum == signal.SIGUSR2 else "term"), time.monotonic()
+        elif signum == signal.SIGTERM and self.stop_kind == "usr2":
+            self.term_after_usr2 = True
 
     def _note_stop(self) -> None:
         if self.node_id == 0:  # classified once, while the job still runs: squeue knows its time left
@@ -296,6 +299,12 @@ class NodeAgent:
         checkpoint = latest_checkpoint_step(self.run_dir)
         requeue, reason = requeue_decision(status, cause, read_log(self.run_dir), self.max_requeues,
                                            self.crash_loop_limit, checkpoint)
+        if requeue and self.term_after_usr2 and self.stop_cause == "preemption":
+            # SIGTERM after a warning that was not the time limit's: scancel (Slurm requeues even a
+            # cancelled job on request), or the end of a preemption's grace time, when Slurm
+            # requeues the job itself. At the time limit the job is requeued: it would end otherwise.
+            requeue, reason = False, (f"SIGTERM after the stop signal at step {status.get('step')} (scancel, or "
+                                      "Slurm ending a preempted job, which it requeues itself)")
         if requeue:
             self.log(f"requeueing: {reason}")
             # Logged first: once requeued, Slurm ends this job's processes, and the log is what the
