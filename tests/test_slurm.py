@@ -191,11 +191,13 @@ def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, 
     workers = [int(p) for p in pids if _node_of(int(p)) == "1" and not _is_torchrun(int(p))]
     assert workers, f"no worker found among {pids}"
     os.kill(workers[0], signal.SIGKILL)
+    # The agent on node 1 waits for node 0's decision instead of ending the step (--kill-on-bad-exit)
+    # under it: node 0 requeues the job as a failure.
     state = wait_job(job, slurm_env, states={"PENDING", "FAILED", "COMPLETED", "CANCELLED"}, timeout=300,
                      release_held=False, log_files=logs(run_dir))
-    if state["JobState"] != "PENDING":  # not requeued by the agent: the user requeues it
-        subprocess.run(["scontrol", "requeue", str(job)], env=slurm_env, check=True, timeout=60)
+    assert state["JobState"] == "PENDING", f"{state}\n{dump_logs(slurm_env, logs(run_dir))}"
     finish(slurm_env, job, run_dir)
+    assert requeue_causes(run_dir) == ["failure"]
     text = log_text(run_dir)
     resumed = re.findall(rf"resumed from {run_dir}/checkpoints/step-(\d+)", text)
     assert len(resumed) == 1 and int(resumed[0]) % 10 == 0 and 20 <= int(resumed[0]) < 60, text[-3000:]

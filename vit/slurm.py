@@ -253,8 +253,21 @@ class NodeAgent:
                 self._note_stop()
             self.log(f"workers exited {code} {self._stop_seconds():.1f}s after the stop signal")
         if self.node_id != 0:
-            return 0 if code == 0 or self._status().get("state") in ("completed", "stopped") else 1
+            ended_well = code == 0 or self._status().get("state") in ("completed", "stopped")
+            if not ended_well:
+                self._leave_the_decision_to_node_0()
+            return 0 if ended_well else 1
         return self.decide(code)
+
+    def _leave_the_decision_to_node_0(self, wait_s: float = 120) -> None:
+        """This node's workers failed. Exiting non-zero now would make srun (--kill-on-bad-exit) end
+        the step on node 0 too, before its agent has decided to requeue: so wait until rank 0 has
+        reported the failure (its peers' collectives fail once these workers are gone) and the
+        agent there had time to decide, which ends this job if it requeues it."""
+        deadline = time.monotonic() + wait_s
+        while not (self.run_dir / "status.json").exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
 
     def _requeue(self, attempts: int = 4, wait_s: float = 5) -> str | None:
         """`scontrol requeue`, retried for 35 s: a busy or restarting slurmctld must not end a 3-week
