@@ -228,6 +228,37 @@ def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(tmp_path
     assert ckpt.failed_loads == ([] if damage == "pickled call in the metadata" else [str(step_2)])
 
 
+def test_a_save_that_fails_for_another_reason_than_a_full_disk_is_not_a_user_error(tmp_path):
+    """A read-only checkpoint directory (a real I/O error): one clear error of the kind the Slurm
+    agent requeues (a full disk, by contrast, is the user's to fix), and the earlier checkpoint kept."""
+    from vit.checkpoint import CheckpointError, CheckpointSaveError
+    from vit.launch import USER_ERRORS
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("this test needs root (to mount a tmpfs read-only) and must not be skipped in CI")
+        pytest.skip("needs root to mount a tmpfs")
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(root)], check=True)
+    try:
+        model = torch.nn.Linear(8, 4)
+        optimizer = torch.optim.AdamW(model.parameters())
+        ckpt = Checkpointer(root, 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP: "assuming the intent is to save in a single process"
+            ckpt.save(1, model, optimizer, {"world_size": 1})
+            subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+            with pytest.raises(CheckpointSaveError) as failed:
+                ckpt.save(2, model, optimizer, {"world_size": 1})
+        assert str(failed.value) == (f"saving {root}/step-2 failed ([Errno 30] Read-only file system: "
+                                     f"'{root}/step-2'); the previous checkpoint {root}/step-1 is kept")
+        assert not isinstance(failed.value, USER_ERRORS) and issubclass(CheckpointError, USER_ERRORS)
+        assert [p.name for p in valid_checkpoints(root, warn=False)] == ["step-1"]
+    finally:
+        subprocess.run(["umount", str(root)], check=False)
+
+
 def test_retention_does_not_count_a_checkpoint_that_failed_to_load(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):

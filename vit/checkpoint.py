@@ -229,17 +229,22 @@ class Checkpointer:
         path = self.root / f"step-{step}"
         started = time.monotonic()
         self._journal("checkpoint_begin", step, path=str(path), async_save=self.async_save)
+        prepare_error = None
         if self.rank == 0:
-            if path.exists():  # left by a save that was killed; never valid, safe to replace
-                shutil.rmtree(path)
-            (path / "rng").mkdir(parents=True)
-        barrier()
-        _write_atomic(path / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state()))
-        if self.rank == 0:
-            _write_atomic(path / TRAIN_STATE, json.dumps({"step": step, **train_state}))
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        writer = self._writer or FileSystemWriter(str(path), thread_count=4, sync_files=True)
+            try:
+                if path.exists():  # left by a save that was killed; never valid, safe to replace
+                    shutil.rmtree(path)
+                os.makedirs(path / "rng")
+            except OSError as e:
+                prepare_error = e
+        if not _all_ok(prepare_error is None):  # also the barrier before the other ranks write into it
+            self._abandon(path, prepare_error or OSError(f"rank 0 could not create {path}"))
         try:
+            _write_atomic(path / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state()))
+            if self.rank == 0:
+                _write_atomic(path / TRAIN_STATE, json.dumps({"step": step, **train_state}))
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            writer = self._writer or FileSystemWriter(str(path), thread_count=4, sync_files=True)
             if self.async_save:
                 future = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
                                         checkpoint_id=str(path), process_group=self.async_group)
@@ -273,9 +278,8 @@ class Checkpointer:
         previous = valid_checkpoints(self.root, warn=False)
         keep = f"the previous checkpoint {previous[0]} is kept" if previous else "there is no earlier checkpoint"
         cause = "disk full: No space left on device" if disk_full else _root_cause(error)
-        if disk_full or "No space left" in cause:
-            raise CheckpointError(f"saving {path} failed ({cause}); {keep}") from error
-        raise CheckpointSaveError(f"saving {path} failed ({cause}); {keep}") from error
+        kind = CheckpointError if "No space left" in cause else CheckpointSaveError
+        raise kind(f"saving {path} failed ({cause}); {keep}") from error
 
     def _commit(self, step: int, path: Path, started: float) -> None:
         barrier()  # every rank's shards are written and synced
