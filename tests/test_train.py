@@ -93,6 +93,7 @@ def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(t
     ("data=imagenet21k", "data.root"),
     ("train.log_every=0", "train.log_every"),
     ("train.global_batch=0", "train.global_batch"),
+    ("train.eval_every=-1", "train.eval_every"),
     ("cluster=minicluster", "cluster"),  # a Slurm cluster without -m would train here, on the login node
 ])
 def test_bad_input_fails_early_in_one_line(tmp_path, override, key):
