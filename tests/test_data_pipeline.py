@@ -3,7 +3,9 @@ sources, the converter, bad files, split and resume determinism through the lead
 from __future__ import annotations
 
 import io
+import os
 import random
+import resource
 import subprocess
 import sys
 import tarfile
@@ -19,7 +21,7 @@ from PIL import Image
 from datasets import CLASSES, backdate, jpeg_bytes, make_imagefolder
 from vit.data import imagefolder, transforms
 from vit.data.imagefolder import ImageFolder
-from vit.data.loader import DataPosition, RankBatches, build_loader, epoch_order
+from vit.data.loader import DataPosition, RankBatches, build_loader, epoch_order, sample_seed
 from vit.data.shards import Shards, convert
 from vit.data.sources import DataError, build_source, check_data
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, sample_crop
@@ -189,7 +191,32 @@ def test_imagefolder_layout_errors(tmp_path):
             ImageFolder(str(path), transform=None)
 
 
+def test_a_file_name_that_is_not_utf8_is_indexed_and_loaded(tmp_path):
+    root = make_imagefolder(tmp_path / "train")
+    os.rename(root / CLASSES[0] / f"{CLASSES[0]}_0.JPEG", os.fsencode(root / CLASSES[0]) + b"/caf\xe9.jpg")
+    config = cfg("imagefolder", root, val_fraction=0.5)
+    names = [build_source(config, split) for split in ("train", "val")]
+    folder = names[0].source
+    paths = [folder.relpath(i) for i in range(len(folder))]
+    assert f"{CLASSES[0]}/caf\udce9.jpg" in paths
+    image, label = folder.load(paths.index(f"{CLASSES[0]}/caf\udce9.jpg"), random.Random(0))
+    assert label == 0 and image.shape == (3, SIZE, SIZE)
+
+
 # ---------------------------------------------------------------- shards
+
+def test_shards_raise_the_soft_limit_on_open_files_to_keep_every_shard_open(tmp_path):
+    """Slurm passes on the login node's soft limit (often 1024): with more shards than a quarter of
+    it, nearly every random read would reopen a shard."""
+    convert(str(make_imagefolder(tmp_path / "train")), str(tmp_path / "shards"), samples_per_shard=5)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        shards = Shards(str(tmp_path / "shards"), transform=None)
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised > 64 and raised in (hard, 1 << 16) and shards.max_open == raised // 4
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 def test_converter_writes_shards_that_give_the_imagefolder_samples(tmp_path):
     root = make_imagefolder(tmp_path / "train")
@@ -300,18 +327,33 @@ def test_bad_files_are_skipped_replaced_deterministically_and_counted(tmp_path, 
     batches = one_epoch(0)
     images = torch.cat([b[0] for b in batches])
     order = epoch_order(n, 3, 0).tolist()
-    expected_bad = 0
-    for position, index in enumerate(order):  # a bad sample becomes the next loadable index
-        while not loadable[index]:
-            expected_bad, index = expected_bad + 1, (index + 1) % n
-        assert torch.equal(images[position], images[order.index(index)])
-    assert sum(b[2] for b in batches) == expected_bad >= 2
+    for position, index in enumerate(order):  # a bad sample becomes a loadable one drawn from (seed, epoch, index)
+        replacement, attempt = index, 0
+        while not loadable[replacement]:
+            attempt += 1
+            replacement = sample_seed(3, 0, index, attempt) % n
+        assert torch.equal(images[position], images[order.index(replacement)])
+    assert sum(b[2] for b in batches) == 2
     messages = [b[3] for b in batches if b[3]]
     assert messages and all(str(tmp_path) in m for m in messages)
 
     again = one_epoch(2)
     assert torch.equal(torch.cat([b[0] for b in again]), images)
     assert [b[2] for b in again] == [b[2] for b in batches]
+
+
+def test_a_run_of_unreadable_files_counts_each_once_and_does_not_end_the_epoch(tmp_path):
+    """Sixteen empty files next to each other (an interrupted copy) among 12 good ones."""
+    root = make_imagefolder(tmp_path / "train")
+    for k in range(16):
+        (root / CLASSES[1] / f"zz_broken_{k:02d}.jpg").write_bytes(b"")
+    source = build_source(cfg("imagefolder", root), "train")
+    n = len(source)
+    assert n == 28
+    loader = build_loader(source, global_batch=n, micro_batch=n, rank=0, world_size=1, seed=0, start=DataPosition())
+    images, labels, bad, first_bad = next(iter(loader))
+    assert bad == 16 and "zz_broken_" in first_bad
+    assert images.shape[0] == n and torch.isfinite(images).all()
 
 
 # ---------------------------------------------------------------- config: sources, splits, check_data

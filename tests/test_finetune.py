@@ -247,8 +247,9 @@ def test_bad_finetune_input_fails_early_in_one_line(coco, tmp_path, overrides, m
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_finetune_plan_counts_the_trunk():
-    proc = subprocess.run([sys.executable, "jobs/finetune.py", "task=coco", "cluster=sg_h100", "plan=true"],
+def test_finetune_plan_counts_the_trunk(tmp_path):
+    proc = subprocess.run([sys.executable, "jobs/finetune.py", "task=coco", "cluster=sg_h100", "plan=true",
+                           f"run_dir={tmp_path / 'plan'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     flops = float(proc.stdout.split("parameters, ")[1].split(" GFLOPs")[0].replace(",", ""))

@@ -262,12 +262,15 @@ def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_pa
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == float(lr)
 
 
-@pytest.mark.parametrize("usr2_first", [False, True], ids=["scancel", "usr2-then-scancel"])
-def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path, usr2_first):
+@pytest.mark.parametrize("usr2_first,limit", [(False, []), (True, []),
+                                              (True, ["cluster.time_min=3", "cluster.signal_lead_s=150"])],
+                         ids=["scancel", "usr2-then-scancel", "time-limit-usr2-then-scancel"])
+def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path, usr2_first, limit):
     """Also when the cancel comes while a stop is under way: Slurm requeues even a cancelled job
-    when asked, so the agent must not ask."""
+    when asked, so the agent must not ask. With a 3-minute limit and a 150 s lead, the USR2 counts
+    as the time limit's warning, and the SIGTERM, minutes before the limit, is still the cancel."""
     run_dir = tmp_path / "cancel"
-    job = submit(slurm_env, run_dir, "train.steps=300")
+    job = submit(slurm_env, run_dir, "train.steps=300", *limit)
     wait_for_step(run_dir, 5, slurm_env, job, log_files=logs(run_dir))
     if usr2_first:
         subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
@@ -281,6 +284,7 @@ def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path, usr2_first):
     text = log_text(run_dir)
     if usr2_first:
         assert "not requeueing: SIGTERM after the stop signal" in text, text[-3000:]
+        assert ("(time_limit)" if limit else "(preemption)") in text, text[-3000:]
     else:
         assert "stop requested (term)" in text and "not requeueing: stopped by SIGTERM" in text, text[-3000:]
     assert requeue_causes(run_dir) == []

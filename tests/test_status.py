@@ -166,6 +166,18 @@ def test_local_crash_loses_the_tail_up_to_the_crash(journal):
     check_breakdown(s, 245 + 211, training=300, lost=130, startup=15, checkpoint=10, other=1)
 
 
+def test_an_event_after_a_torn_line_starts_a_line_of_its_own(journal):
+    """A kill mid-write leaves a line without its newline; the next event must not be glued onto it."""
+    journal(0, 100, 0, "job_start")
+    path = journal.run_dir / vit.journal.JOURNAL
+    with open(path, "a") as f:
+        f.write('{"event": "metrics", "st')
+    journal(5, 100, 0, "agent_exit")
+    events = vit.journal.read_journal(journal.run_dir)
+    assert [e["event"] for e in events] == ["job_start", "agent_exit"]
+    assert path.read_text().count("\n") == 3
+
+
 def restart_lines(fig):
     return [line for ax in fig.axes for line in ax.get_lines() if str(line.get_gid()).startswith("restart:")]
 

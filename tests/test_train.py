@@ -151,6 +151,24 @@ def test_a_checkpoint_counts_the_unreadable_samples_of_every_step_it_holds(tmp_p
     assert stored == [2, 4]
 
 
+def test_a_resume_onto_a_changed_dataset_says_so(tmp_path):
+    """Each epoch's order is a permutation of the sample count: a file added while the job waited in
+    the queue means the epoch cannot continue exactly, which the run must say, not hide."""
+    root = make_imagefolder(tmp_path / "train")
+    args = ["data=imagenet21k", f"data.root={root}", "data.val_fraction=0", "data.num_workers=0",
+            f"data.num_classes={len(CLASSES)}", "data.num_samples=12", "train.global_batch=4", "train.micro_batch=4",
+            "train.eval_every=0", "checkpoint.every_steps=2", "optim.warmup_steps=1"]
+    run_job(tmp_path / "run", *args, "train.steps=2")
+    same = run_job(tmp_path / "run", *args, "train.steps=3")
+    (root / CLASSES[1] / "added.jpg").write_bytes((root / CLASSES[1] / f"{CLASSES[1]}_0.JPEG").read_bytes())
+    changed = run_job(tmp_path / "run", *args, "train.steps=5")
+    assert "warning: data.root" not in same.stdout
+    assert "warning: data.root holds 13 training samples, 12 when step 3 was saved" in changed.stdout, changed.stdout
+    events = [json.loads(line) for line in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["saved_samples"], e["num_samples"]) for e in events if e["event"] == "data_changed"] \
+        == [(3, 12, 13)]
+
+
 def test_smoke_command_runs_end_to_end(tmp_path):
     """The README's quick start, exactly (it writes under runs/smoke relative to the cwd)."""
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "experiment=smoke"], cwd=tmp_path,

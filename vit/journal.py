@@ -3,9 +3,10 @@
 Writers take turns and never overlap: the submitting process (`submit`), then per allocation the
 node-0 agent (`job_start`), rank 0 of the workers (`resume`, `metrics`, `checkpoint_begin`,
 `checkpoint_commit`, `stop_signal`, `evaluation`, `exit`, `crash`), and the node-0 agent again
-once the workers have exited (`requeue`, `agent_exit`). Lines are appended with one write each
-and flushed, and never rewritten, so the file survives requeues and hard kills (a torn last line
-is skipped by readers).
+once the workers have exited (`requeue`, `agent_exit`). Lines are appended and never rewritten,
+so the file survives requeues and hard kills. A torn last line (a kill mid-write, a short write on
+a network filesystem) is skipped by readers, and the next writer starts a new line after it
+rather than gluing its event onto it.
 
 Every event carries the UTC time, the Slurm job ID, the restart count, the node list and the step.
 """
@@ -40,10 +41,15 @@ class Journal:
             **fields,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode())
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
 

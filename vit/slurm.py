@@ -106,12 +106,17 @@ def time_left_s(job_id: str) -> float | None:
     return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
+# Slurm enforces limits and sends signals on a ~30 s tick: its time-limit USR2 comes up to this much
+# early (or late), and its time-limit SIGTERM never earlier than this before the limit.
+LIMIT_SLACK_S = 60
+
+
 def classify_stop(kind: str | None, seconds_left: float | None, signal_lead_s: float) -> str:
     """time_limit: the USR2 warning came within the lead time of the limit; otherwise a preemption.
     SIGTERM is never a warning: it is scancel, or Slurm ending the job."""
     if kind in ("step_limit", "term"):
         return kind
-    if seconds_left is not None and seconds_left <= signal_lead_s + 60:
+    if seconds_left is not None and seconds_left <= signal_lead_s + LIMIT_SLACK_S:
         return "time_limit"
     return "preemption" if kind == "usr2" else (kind or "unknown")
 
@@ -187,7 +192,8 @@ class NodeAgent:
         self.stop_kind: str | None = None
         self.stop_cause: str | None = None
         self.stop_time: float | None = None
-        self.term_after_usr2 = False
+        self.term_after_usr2: float | None = None  # when a SIGTERM followed the USR2 (monotonic)
+        self.limit_at: float | None = None  # when the time limit falls (monotonic), once known
         self.proc: subprocess.Popen | None = None
         self.last_forward = 0.0
         self.journal = Journal(run_dir)
@@ -200,11 +206,14 @@ class NodeAgent:
         if self.stop_kind is None:
             self.stop_kind, self.stop_time = ("usr2" if signum == signal.SIGUSR2 else "term"), time.monotonic()
         elif signum == signal.SIGTERM and self.stop_kind == "usr2":
-            self.term_after_usr2 = True
+            self.term_after_usr2 = time.monotonic()
 
     def _note_stop(self) -> None:
         if self.node_id == 0:  # classified once, while the job still runs: squeue knows its time left
-            self.stop_cause = classify_stop(self.stop_kind, time_left_s(self.job_id), self.signal_lead_s)
+            seconds_left = time_left_s(self.job_id)
+            self.stop_cause = classify_stop(self.stop_kind, seconds_left, self.signal_lead_s)
+            if seconds_left is not None:
+                self.limit_at = time.monotonic() + seconds_left
         self.log(f"received SIG{'USR2' if self.stop_kind == 'usr2' else 'TERM'} ({self.stop_cause or self.stop_kind}); "
                  "asking the workers to checkpoint and stop")
 
@@ -298,6 +307,17 @@ class NodeAgent:
     def _stop_seconds(self) -> float | None:
         return None if self.stop_time is None else time.monotonic() - self.stop_time
 
+    def _term_was_not_the_time_limit(self) -> bool:
+        """A SIGTERM during the stop is scancel (Slurm requeues even a cancelled job on request) or
+        the end of a preemption's grace time (Slurm requeues the job itself): unless it is the time
+        limit's own, which comes at the limit and ends the run if the job is not requeued."""
+        if self.term_after_usr2 is None:
+            return False
+        if self.stop_cause == "preemption":
+            return True
+        return self.stop_cause == "time_limit" and self.limit_at is not None \
+            and self.term_after_usr2 < self.limit_at - LIMIT_SLACK_S
+
     def decide(self, code: int) -> int:
         status = self._status()
         if code != 0:
@@ -312,10 +332,7 @@ class NodeAgent:
         checkpoint = latest_checkpoint_step(self.run_dir)
         requeue, reason = requeue_decision(status, cause, read_log(self.run_dir), self.max_requeues,
                                            self.crash_loop_limit, checkpoint)
-        if requeue and self.term_after_usr2 and self.stop_cause == "preemption":
-            # SIGTERM after a warning that was not the time limit's: scancel (Slurm requeues even a
-            # cancelled job on request), or the end of a preemption's grace time, when Slurm
-            # requeues the job itself. At the time limit the job is requeued: it would end otherwise.
+        if requeue and self._term_was_not_the_time_limit():
             requeue, reason = False, (f"SIGTERM after the stop signal at step {status.get('step')} (scancel, or "
                                       "Slurm ending a preempted job, which it requeues itself)")
         if requeue:

@@ -70,7 +70,7 @@ class EvalSplit:
 
 
 def collate_eval(items):
-    """(images, targets, per item: "" or why it was replaced by the next sample)."""
+    """(images, targets, per item: "" or why it was replaced by a stand-in)."""
     images, targets, _, _ = collate_samples(items)
     return images, targets, [first_bad if bad else "" for _, _, bad, first_bad in items]
 

@@ -150,6 +150,17 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         if main:
             print(f"resumed from {resumed['path']} (step {step}, epoch {position.epoch}, "
                   f"saved on {resumed['world_size']} ranks, now {world.world_size})", flush=True)
+        saved_samples = resumed.get("num_samples", len(source))
+        if saved_samples != len(source):
+            # Not an error: a few files removed or added must not stop a 3-week run. But each epoch's
+            # order is a permutation of the count, so this epoch cannot continue exactly.
+            journal.write("data_changed", step, saved_samples=saved_samples, num_samples=len(source),
+                          saved_total_steps=resumed["total_steps"], total_steps=steps)
+            if main:
+                print(f"warning: data.root holds {len(source)} training samples, {saved_samples} when step {step} "
+                      f"was saved: the rest of epoch {position.epoch} follows the new order (some samples of it "
+                      f"repeat, some are skipped), and the run now has {steps} steps "
+                      f"(was {resumed['total_steps']})", flush=True)
     # A stop skips the evaluation due at its step (it must not delay the save's exit): it is owed now.
     owed_eval = (val_source is not None and step > 0 and (step % cfg.train.eval_every == 0 or step >= steps)
                  and not broadcast_object((run_dir / "eval" / f"step-{step}.json").exists()))
@@ -180,7 +191,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         evaluate(task, model, val_source, world, run_dir, step, journal, logger)
 
     def train_state() -> dict:
-        return {"data": {"epoch": position.epoch, "offset": position.offset}, "bad_samples": bad_samples,
+        return {"data": {"epoch": position.epoch, "offset": position.offset}, "num_samples": len(source),
+                "bad_samples": bad_samples,
                 "total_steps": steps, "world_size": world.world_size, "version": vit.__version__,
                 "config": OmegaConf.to_container(cfg, resolve=True), "classes": source.classes}
 

@@ -133,7 +133,7 @@ def _fingerprint(root: str, class_dirs: list[str], pool: ThreadPoolExecutor) -> 
 
 def _build_index(root: str, class_dirs: list[str], pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
     per_class = list(pool.map(_scan_class, [os.path.join(root, c) for c in class_dirs]))
-    encoded = [n.encode() for names in per_class for n in names]
+    encoded = [os.fsencode(n) for names in per_class for n in names]  # any byte name, as the OS has it
     name_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(n) for n in encoded], out=name_offsets[1:])
     class_offsets = np.zeros(len(class_dirs) + 1, dtype=np.int64)
@@ -173,7 +173,7 @@ class ImageFolder:
         return int(np.searchsorted(self.class_offsets, index, side="right")) - 1
 
     def relpath(self, index: int) -> str:
-        name = self.names[self.name_offsets[index]:self.name_offsets[index + 1]].tobytes().decode()
+        name = os.fsdecode(self.names[self.name_offsets[index]:self.name_offsets[index + 1]].tobytes())
         return f"{self.class_dirs[self._class_dir(index)]}/{name}"
 
     def label(self, index: int) -> int:
@@ -183,7 +183,7 @@ class ImageFolder:
         """Relative paths as bytes, in index order (for a deterministic hold-out split)."""
         names, offsets = self.names.tobytes(), self.name_offsets.tolist()
         for d, c in enumerate(self.class_dirs):
-            prefix = f"{c}/".encode()
+            prefix = os.fsencode(f"{c}/")
             for i in range(int(self.class_offsets[d]), int(self.class_offsets[d + 1])):
                 yield prefix + names[offsets[i]:offsets[i + 1]]
 

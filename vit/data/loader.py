@@ -56,8 +56,9 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, epoch: int, index: int, attempt: int = 0) -> int:
+    key = f"{seed}/{epoch}/{index}" + (f"/retry-{attempt}" if attempt else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -86,8 +87,10 @@ class RankBatches:
 class SeededSamples(Dataset):
     """Loads (epoch, index) with a per-sample RNG; a sample that fails to load is replaced and counted.
 
-    The replacement is the next index of the dataset (deterministic), so a bad file never changes
-    the batch size or the data order of the other ranks.
+    The replacement is drawn from (seed, epoch, index), so it is the same on every rank, worker and
+    resume, and a bad file never changes the batch size or the data order of the other ranks. It is
+    drawn at random rather than taken as the next index: broken files sit together (an interrupted
+    copy, one damaged tar), and each must count once, not once per neighbour that falls back onto it.
     """
 
     def __init__(self, source: Source, seed: int, max_retries: int = 16):
@@ -98,16 +101,16 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int, str]:
         epoch, index = key
-        bad, first_bad = 0, ""
+        first_bad = ""
         for attempt in range(self.max_retries):
-            i = (index + attempt) % len(self.source)
+            i = index if attempt == 0 else sample_seed(self.seed, epoch, index, attempt) % len(self.source)
             try:
                 image, label = self.source.load(i, random.Random(sample_seed(self.seed, epoch, i)))
-                return image, label, bad, first_bad
+                return image, label, int(attempt > 0), first_bad
             except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on broken files
-                bad += 1
                 first_bad = first_bad or f"{getattr(self.source, 'describe', str)(i)}: {e}"
-        raise RuntimeError(f"{self.max_retries} consecutive unreadable samples from index {index}: {first_bad}")
+        raise RuntimeError(f"index {index} and {self.max_retries - 1} random replacements are all unreadable "
+                           f"(is most of data.root damaged?): {first_bad}")
 
 
 def collate_samples(items):

@@ -103,6 +103,21 @@ def _fingerprint(root: str, shards: list[str]) -> str:
     return "v1:" + "".join(f"{s}\t{st.st_size}\t{st.st_mtime_ns}\n" for s, st in zip(shards, stats))
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 16
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # a hard limit above the kernel's nr_open: keep the soft one
+            pass
+    return soft
+
+
 class Shards:
     """Map-style source over a shard directory; `transform(pil_image, rng)` makes the tensor.
 
@@ -131,9 +146,11 @@ class Shards:
         if missing:
             raise DataError(f"{root} has {len(missing)} classes that the train classes lack (e.g. {missing[0]})")
         self.labels = np.array([position[c] for c in own_classes], dtype=np.int64)[labels]
-        # Each worker touches every shard; keep at most a quarter of the fd limit (torch shares
+        # Each worker touches every shard in random order, so the cache must hold them all or nearly
+        # every read reopens a shard on the parallel file system: take the hard fd limit (Slurm passes
+        # on the login node's soft one, often 1024), and keep at most a quarter of it (torch shares
         # tensors between processes through fds too), least recently used closed first.
-        self.max_open = max(8, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        self.max_open = max(8, raise_fd_limit() // 4)
         self._fds: OrderedDict[int, int] = OrderedDict()
 
     def __getstate__(self):
