@@ -29,6 +29,7 @@ import datetime
 import gc
 import json
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -53,7 +54,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPE = OmegaConf.load(CONF / "pretrain.yaml")
 LR, WD = RECIPE.optim.lr, RECIPE.optim.weight_decay
 EXTRA_ROWS = ("ac", "compile", "fsdp-per-block", "sdpa", "sweep")
-SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")  # cuDNN last: a sticky CUDA error there cannot spoil the others
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ def run_row(args, name: str, row: Row, world, impls: list[str]) -> dict[str, dic
             except Exception as e:  # noqa: BLE001 (an out-of-memory or a missing kernel fails this impl only)
                 fail(results[impl], e)
                 built.pop(impl, None)
+            if impl not in built:  # outside `except`: its traceback no longer pins the activations
                 free_memory(device)
         for _ in range(args.rounds):
             for impl, (step, model, optimizer) in list(built.items()):
@@ -218,6 +220,7 @@ def run_row(args, name: str, row: Row, world, impls: list[str]) -> dict[str, dic
                 except Exception as e:  # noqa: BLE001
                     fail(results[impl], e)
                     del built[impl]
+                if impl not in built:
                     free_memory(device)
                     continue
                 results[impl]["times"].append((time.perf_counter() - t) / args.steps)
@@ -316,6 +319,20 @@ def main(argv=None) -> int:
     head = header(args, device)
     print(head, flush=True)
     started, records = time.monotonic(), []
+
+    def write_table() -> None:  # after every row: a part killed by `timeout` still leaves its table
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            for path, text in ((out, f"{head}\n\n{markdown(records)}\n"),
+                               (out.with_suffix(".json"), json.dumps({"header": head, "rows": records}, indent=1))):
+                path.with_name(path.name + ".tmp").write_text(text)
+                path.with_name(path.name + ".tmp").replace(path)
+
+    def on_term(signum, frame):
+        write_table()
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_term)
     for name in args.model.split(","):
         oom = set()  # implementations that ran out of memory in a sweep: no bigger batch for them
         for row in rows:
@@ -328,24 +345,25 @@ def main(argv=None) -> int:
                              "error": "time budget"} for i in run_impls]
                 continue
             t = time.monotonic()
-            recs = summarise(name, row, run_row(args, name, row, world, run_impls), args, device)
+            try:
+                recs = summarise(name, row, run_row(args, name, row, world, run_impls), args, device)
+            except Exception as e:  # noqa: BLE001 (e.g. a sticky CUDA error in free_memory): keep what we have
+                recs = [{"model": name, "row": row.name, "impl": i, "batch": row.batch, "status": "error",
+                         "error": f"{type(e).__name__}: {str(e).strip()[:160]}"} for i in run_impls]
             for r in recs:
                 if r["status"] == "oom":
                     oom.add((row.name, r["impl"]))
                     print(f"{name} {row.name} batch {row.batch}: {r['impl']} is out of memory; "
                           "larger batches are skipped for it", flush=True)
             records += recs
+            write_table()
             print(markdown(recs).split("\n", 2)[2] + f"   ({time.monotonic() - t:.0f}s)", flush=True)
             ours = next((r for r in recs if "ratio" in r), None)
             if ours:
                 print(f"ratio ours/timm (img/s) {name} {row.name} batch {row.batch}: {ours['ratio']:.3f}", flush=True)
     table = f"{head}\n\n{markdown(records)}\n"
     print("\n" + table, flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table)
-        out.with_suffix(".json").write_text(json.dumps({"header": head, "rows": records}, indent=1))
+    write_table()
     close()
     return 0
 

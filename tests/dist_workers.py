@@ -97,3 +97,56 @@ def accumulation_syncs_once(rank, out_dir):
     if rank == 0:
         (out_dir / "ok").write_text(f"{once} {each}")
     close()
+
+
+class InfiniteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def nonfinite_step_is_skipped(rank, out_dir):
+    """A micro-batch whose gradient is not finite on one rank leaves every rank's weights and AdamW
+    state bitwise as they were; the next finite step trains as usual."""
+    from vit.distributed import close, init_distributed
+    from vit.model import build_model
+    from vit.optim import build_optimizer
+    from vit.parallel import shard_model
+    from vit.tasks import classification_loss
+    from vit.train import train_step
+
+    world = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = build_model("vit_tiny_patch16", num_classes=5, img_size=32)
+    shard_model(model, world, "fp32")
+    optimizer = build_optimizer(model, 1e-3, 0.05)
+    gen = torch.Generator().manual_seed(rank)
+    batch = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 5, (2,), generator=gen))]
+
+    def poisoned(m, x, y):  # on rank 1 only: the loss stays finite, its gradient does not
+        logits = m(x)
+        return classification_loss(InfiniteGradient.apply(logits) if rank else logits, y)
+
+    def snapshot():
+        state = [v.to_local().clone() if hasattr(v, "to_local") else v.clone()
+                 for s in optimizer.state.values() for v in s.values()]
+        return [p.to_local().clone() for p in model.parameters()], state
+
+    train_step(model, optimizer, batch, world.device)
+    before = snapshot()
+    loss, norm = train_step(model, optimizer, batch, world.device, loss_fn=poisoned)
+    after = snapshot()
+    assert torch.isfinite(loss) and not torch.isfinite(norm)
+    for a, b in zip(before[0] + before[1], after[0] + after[1], strict=True):
+        assert torch.equal(a, b)
+    _, norm = train_step(model, optimizer, batch, world.device)
+    assert torch.isfinite(norm)
+    assert all(torch.isfinite(p.to_local()).all() for p in model.parameters())
+    assert not all(torch.equal(a, p.to_local()) for a, p in zip(after[0], model.parameters()))
+    if rank == 0:
+        (out_dir / "ok").write_text("skipped")
+    close()

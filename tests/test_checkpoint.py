@@ -259,6 +259,19 @@ def test_a_save_that_fails_for_another_reason_than_a_full_disk_is_not_a_user_err
         subprocess.run(["umount", str(root)], check=False)
 
 
+def test_retention_checks_each_checkpoint_once(tmp_path, monkeypatch):
+    import vit.checkpoint
+    checked = []
+    real = vit.checkpoint.problem_with
+    monkeypatch.setattr(vit.checkpoint, "problem_with", lambda p: checked.append(p.name) or real(p))
+    root = tmp_path / "checkpoints"
+    ckpt = Checkpointer(root, 0, keep=2, keep_every=2)
+    for step in range(1, 6):
+        ckpt._apply_retention(fake_checkpoint(root, step))
+    assert sorted(checked) == [f"step-{s}" for s in range(1, 6)]
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4", "step-5"]
+
+
 def test_retention_does_not_count_a_checkpoint_that_failed_to_load(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):

@@ -59,6 +59,20 @@ def test_accumulation_gathers_and_reduce_scatters_once_per_step(tmp_path):
     assert (tmp_path / "ok").exists()
 
 
+def test_a_step_with_a_non_finite_gradient_is_skipped_on_every_rank(tmp_path):
+    from dist_workers import nonfinite_step_is_skipped, spawn
+    spawn(nonfinite_step_is_skipped, 2, tmp_path)
+    assert (tmp_path / "ok").exists()
+
+
+def test_ranks_draw_different_random_numbers_after_the_identical_init(tmp_path):
+    """Drop path draws from the global RNG: identical streams would drop the same blocks on every rank."""
+    run_job(tmp_path, "train.steps=3", "model.drop_path_rate=0.2", nproc=2)
+    states = [json.loads((tmp_path / "checkpoints/step-3/rng" / f"rank-{r}.json").read_text())["torch"]
+              for r in (0, 1)]
+    assert states[0] != states[1]
+
+
 def test_two_fsdp_ranks_give_the_same_losses_as_one_process(tmp_path):
     one = run_job(tmp_path / "one", "train.steps=6")
     two = run_job(tmp_path / "two", "train.steps=6", nproc=2)
@@ -94,11 +108,19 @@ def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(t
     ("train.log_every=0", "train.log_every"),
     ("train.global_batch=0", "train.global_batch"),
     ("train.eval_every=-1", "train.eval_every"),
+    ("train.micro_batch=8.0", "train.micro_batch"),
+    ("train.steps=-5", "train.steps"),
+    ("train.label_smoothing=1.5", "train.label_smoothing"),
+    ("model.drop_path_rate=1.0", "model.drop_path_rate"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("optim.weight_decay=-0.5", "optim.weight_decay"),
+    ("optim.schedule=step +optim.milestones=[0.5,0.8]", "optim.gamma"),
     ("cluster=minicluster", "cluster"),  # a Slurm cluster without -m would train here, on the login node
 ])
 def test_bad_input_fails_early_in_one_line(tmp_path, override, key):
-    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "experiment=smoke", f"run_dir={tmp_path}", override,
-                           f"data.root={tmp_path / 'no-such-dataset'}" if key == "data.root" else "train.steps=100"],
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "experiment=smoke", f"run_dir={tmp_path}", *override.split(),
+                           f"data.root={tmp_path / 'no-such-dataset'}" if key == "data.root"
+                           else "train.progress=false" if key == "train.steps" else "train.steps=100"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -184,6 +206,24 @@ def test_smoke_command_runs_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "experiment=smoke"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_throughput_leaves_out_evaluations_and_saves(tmp_path, monkeypatch):
+    import torch
+
+    import vit.metrics
+    clock = [100.0]
+    monkeypatch.setattr(vit.metrics.time, "perf_counter", lambda: clock[0])
+    logger = vit.metrics.MetricsLogger(str(tmp_path), True, 10, 0, 1e9, 1, torch.device("cpu"), progress=False)
+    logger.step(64)
+    clock[0] += 2.0  # training
+    with logger.paused():
+        clock[0] += 30.0  # an evaluation
+    logger.step(64)
+    clock[0] += 2.0
+    record = logger.log(2, loss=1.0, lr=0.1, grad_norm=1.0)
+    logger.close()
+    assert record["images_per_s"] == 32.0
 
 
 def test_metrics_file_has_one_record_per_logged_step(tmp_path):

@@ -102,9 +102,21 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}", "set optim.lr to e.g. 1e-3")
     if cfg.optim.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps", "must be >= 0", "set optim.warmup_steps=0 for no warmup")
+    if not cfg.optim.weight_decay >= 0:
+        raise ConfigError("optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}", "set e.g. 0.05")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {betas}", "set e.g. [0.9,0.999]")
+    for key, value in (("train.label_smoothing", cfg.train.label_smoothing), ("model.drop_path_rate",
+                                                                               cfg.model.drop_path_rate)):
+        if not 0 <= value < 1:
+            raise ConfigError(key, f"must be in [0, 1), got {value}", f"set e.g. {key}=0.1")
+    if cfg.train.steps is not None and (type(cfg.train.steps) is not int or cfg.train.steps < 1):
+        raise ConfigError("train.steps", f"must be a positive integer or null, got {cfg.train.steps!r}",
+                          "set train.steps, or null to train for train.epochs")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError("train.grad_clip", "must be positive or null", "set train.grad_clip=1.0 or null")
-    for key in ("log_every", "global_batch"):
+    for key in ("log_every", "global_batch", "micro_batch"):
         if type(cfg.train[key]) is not int or cfg.train[key] < 1:
             raise ConfigError(f"train.{key}", f"must be a positive integer, got {cfg.train[key]!r}",
                               f"set train.{key} to an integer >= 1")
@@ -143,6 +155,8 @@ def validate_schedule(optim) -> None:
     if schedule == "step" and not all(0 < m < 1 for m in optim.get("milestones") or [None]):
         raise ConfigError("optim.milestones", f"{optim.get('milestones')} are not fractions of the run in (0, 1)",
                           "set e.g. optim.milestones=[0.889,0.963]")
+    if schedule == "step" and not (optim.get("gamma") or 0) > 0:
+        raise ConfigError("optim.gamma", f"must be positive, got {optim.get('gamma')}", "set e.g. optim.gamma=0.1")
     if schedule == "poly" and not (optim.get("power") or 0) > 0:
         raise ConfigError("optim.power", f"must be positive, got {optim.get('power')}", "set optim.power=1.0")
 

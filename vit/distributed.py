@@ -24,6 +24,9 @@ class World:
         return self.rank == 0
 
 
+_host_group: dist.ProcessGroup | None = None  # gloo, for host values, when the default group is NCCL
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> World:
     """Join the process group torchrun describes; a plain `python` run becomes a group of one.
 
@@ -45,6 +48,11 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> World
                                 timeout=timedelta(minutes=timeout_minutes),
                                 device_id=dev if use_cuda else None)
     mesh = init_device_mesh(dev.type, (world_size,))
+    global _host_group
+    # Host-side flags agreed over NCCL would make the host wait for the GPU's whole step (the
+    # .tolist()) every step, so it could never queue the next step ahead: a gloo group keeps them on
+    # the CPU. (Separate from the async checkpoint's group, whose collectives run in another thread.)
+    _host_group = dist.new_group(backend="gloo") if use_cuda and world_size > 1 else None
     return World(rank, world_size, local_rank, dev, mesh)
 
 
@@ -79,14 +87,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
-    """Agree on flags across ranks: a rank that saw a stop signal makes every rank stop.
-
-    int32 because NCCL reduces it natively (bool is not supported by every backend).
-    """
-    t = torch.tensor(values, dtype=torch.int32, device=device)
+def all_reduce_max(values: list[int]) -> list[int]:
+    """Agree on host-side flags across ranks (a rank that saw a stop signal makes every rank stop),
+    on the CPU: no wait for the GPU."""
+    t = torch.tensor(values, dtype=torch.int32)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
     return t.tolist()
 
 

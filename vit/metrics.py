@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -43,6 +44,16 @@ class MetricsLogger:
         self.window_images += images
         if self.bar is not None:
             self.bar.update(1)
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (an evaluation, a checkpoint save) is left out of images/s and MFU: they
+        measure training, and the planner takes its MFU from them."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - start
 
     def log(self, step: int, **values) -> dict:
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)

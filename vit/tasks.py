@@ -52,7 +52,7 @@ class EvalSplit:
         loader = torch.utils.data.DataLoader(SeededSamples(self.source, seed=0), num_workers=self.num_workers,
                                              batch_sampler=[[(0, i) for i in indices[j:j + batch]]
                                                             for j in range(0, per_rank, batch)],
-                                             collate_fn=collate_eval,
+                                             collate_fn=collate_eval, pin_memory=world.device.type == "cuda",
                                              # its own seed source: the global RNG (drop path) must not
                                              # move, or a resume after an evaluation is not exact
                                              generator=torch.Generator())
@@ -307,7 +307,7 @@ class ADE20KSegmentation(DenseTask):
         for images, labels, keep in split:
             image, label = images[0], labels[0]
             batches = math.ceil(count_windows(*image.shape[-2:], crop, t.eval_stride) / t.eval_batch)
-            calls = all_reduce_max([batches], world.device)[0]  # equal model calls on every rank
+            calls = all_reduce_max([batches])[0]  # equal model calls on every rank
             logits = slide_inference(model, image.to(world.device), k, crop, t.eval_stride,
                                      batch=t.eval_batch, calls=calls)
             logits = F.interpolate(logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)

@@ -29,12 +29,15 @@ from vit.parallel import resolve_precision, shard_model
 from vit.stop import StopRequest
 from vit.tasks import build_task, classification_loss, write_evaluation
 
+# A single non-finite step is skipped; this many in a row (as seen at a log or save step) end the run.
+MAX_SKIPPED_IN_A_ROW = 10
 PROCESS_START = time.time()  # close enough to the interpreter's start: this module is imported first
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list, device: torch.device,
                loss_fn=None, grad_clip: float | None = 1.0, sync_once: bool = True):
     """One optimizer step over this rank's micro-batches; returns (sum of sample losses, grad norm).
+    A step whose grad norm is not finite changes nothing (`optimizer.found_inf` is 1).
     `loss_fn(model, images, targets)` is the task's mean loss over a micro-batch (default: softmax
     cross-entropy of a classifier).
 
@@ -59,6 +62,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         (loss / len(micro_batches)).backward()
         loss_sum += loss.detach() * images.shape[0]
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
+    # A non-finite norm (one overflowing micro-batch) would write NaN into every weight, and a save due
+    # at this step would keep them: fused AdamW skips the update on the device, as under GradScaler,
+    # without a host sync. The norm is global, so every rank skips the same step.
+    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
@@ -110,8 +117,12 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         shard_model(model, world, precision, compile_blocks=cfg.model.compile, blocks=task.blocks(model),
                     bf16_root=task.bf16_root, unit_blocks=cfg.fsdp.unit_blocks,
                     reshard_after_forward=cfg.fsdp.reshard_after_forward)
-        return model, build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                      lr_scale=task.lr_scale(model))
+        optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
+                                    lr_scale=task.lr_scale(model))
+        # The same init on every rank needed the same seed; from here on each rank draws its own
+        # (drop-path masks), or every rank would drop the same blocks for its own images.
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, world.rank]).generate_state(1)[0]))
+        return model, optimizer
 
     model, optimizer = build_model_and_optimizer()
 
@@ -200,6 +211,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     model.train()
     start_step = progress["step"] = step
     loss_sum = torch.zeros((), device=device)  # stays on device: no host sync until a log step
+    # Steps whose grad norm was not finite (their updates skipped): in this log window, and in a row.
+    skipped_in_window, skipped_in_a_row = torch.zeros((), device=device), torch.zeros((), device=device)
     window_steps, window_bad, example_bad, started, stop_kind = 0, 0, "", time.time(), None
     while step < steps:
         lr = learning_rate(step, cfg.optim, steps)
@@ -210,6 +223,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         step_loss, grad_norm = train_step(model, optimizer, [(b[0], b[1]) for b in micro_batches], device,
                                           task.loss, cfg.train.grad_clip)
         loss_sum += step_loss
+        skipped_in_window += optimizer.found_inf
+        skipped_in_a_row = (skipped_in_a_row + 1) * optimizer.found_inf
         step += 1
         progress["step"] = step
         window_steps += 1
@@ -220,7 +235,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
             stop.request("step_limit")
         # One tiny collective per step makes every rank take the same decisions at the same step.
         stop_code, time_due, saving = all_reduce_max(
-            [StopRequest.code(stop.kind), int(ckpt.time_due()), int(not ckpt.pending_done())], device)
+            [StopRequest.code(stop.kind), int(ckpt.time_due()), int(not ckpt.pending_done())])
         stop_kind = StopRequest.kind_of(stop_code)
         save_due = ckpt.step_due(step) or time_due or stop_kind or step == steps
         # Every save logs too, so the bad-sample count it stores covers all the steps it holds.
@@ -228,13 +243,17 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
             totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(window_bad), device=device)]))
             bad_samples += int(totals[1].item())
             mean_loss = totals[0].item() / (global_batch * window_steps)
+            skipped, in_a_row = (int(x) for x in torch.stack([skipped_in_window, skipped_in_a_row]).tolist())
             record = logger.log(step, loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), epoch=position.epoch,
-                                bad_samples=bad_samples)
+                                bad_samples=bad_samples, skipped_steps=skipped)
             journal.write("metrics", step, **{k: record[k] for k in ("loss", "lr", "grad_norm", "images_per_s",
-                                                                     "mfu", "epoch", "bad_samples")})
-            if not math.isfinite(mean_loss):  # diverged: saving it would only poison the checkpoints
-                raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower optim.lr or check the data")
+                                                                     "mfu", "epoch", "bad_samples", "skipped_steps")})
+            if not math.isfinite(mean_loss) or in_a_row >= MAX_SKIPPED_IN_A_ROW:  # diverged: saving would not help
+                what = f"loss is {mean_loss}" if not math.isfinite(mean_loss) else \
+                    f"the gradient norm was not finite for the last {in_a_row} steps (their updates were skipped)"
+                raise FloatingPointError(f"{what} at step {step}; lower optim.lr or check the data")
             loss_sum.zero_()
+            skipped_in_window.zero_()
             window_steps, window_bad = 0, 0
             if bad_samples > cfg.data.max_bad_fraction * step * global_batch:
                 raise DataError(f"data.max_bad_fraction: {bad_samples} of {step * global_batch} samples were "
@@ -243,14 +262,16 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         if stop_kind:
             journal.write("stop_signal", step, kind=stop_kind)
         if save_due:
-            ckpt.save(step, model, optimizer, train_state())
+            with logger.paused():
+                ckpt.save(step, model, optimizer, train_state())
             if stop_kind and main:
                 print(f"stop requested ({stop_kind}): checkpoint at step {step} saved in "
                       f"{ckpt.last_save_seconds or 0:.1f}s", flush=True)
         elif ckpt.pending is not None and not saving:
             ckpt.finish()
         if val_source is not None and not stop_kind and (step % cfg.train.eval_every == 0 or step == steps):
-            evaluate(task, model, val_source, world, run_dir, step, journal, logger)
+            with logger.paused():
+                evaluate(task, model, val_source, world, run_dir, step, journal, logger)
         if stop_kind:
             break
     ckpt.finish()
