@@ -272,6 +272,30 @@ def test_retention_checks_each_checkpoint_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4", "step-5"]
 
 
+def test_a_restart_checks_checkpoints_newest_first_until_one_loads(tmp_path, monkeypatch):
+    """Each check reads the whole .metadata (~1 s for ViT-H on 32 ranks) while the other ranks wait:
+    a restart reads only as many as it needs, and the commit after it none again."""
+    import vit.checkpoint
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    ckpt = Checkpointer(tmp_path / "checkpoints", 0, keep=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "assuming the intent is to save in a single process"
+        for step in (1, 2, 3):
+            ckpt.save(step, model, optimizer, {"world_size": 1})
+        (tmp_path / "checkpoints/step-3/COMPLETE").unlink()  # killed before its commit
+        checked = []
+        real = vit.checkpoint.problem_with
+        monkeypatch.setattr(vit.checkpoint, "problem_with", lambda p: checked.append(p.name) or real(p))
+        restarted = Checkpointer(tmp_path / "checkpoints", 0, keep=3)
+        assert restarted.load_latest(model, optimizer)["step"] == 2
+        assert checked == ["step-3", "step-2"]
+        restarted.save(3, model, optimizer, {"world_size": 1})
+    assert checked == ["step-3", "step-2", "step-3", "step-1"]  # retention: the new one and the unchecked one
+
+
 def test_retention_does_not_count_a_checkpoint_that_failed_to_load(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):

@@ -194,6 +194,7 @@ def test_imagefolder_layout_errors(tmp_path):
 def test_a_file_name_that_is_not_utf8_is_indexed_and_loaded(tmp_path):
     root = make_imagefolder(tmp_path / "train")
     os.rename(root / CLASSES[0] / f"{CLASSES[0]}_0.JPEG", os.fsencode(root / CLASSES[0]) + b"/caf\xe9.jpg")
+    os.rename(root / CLASSES[2], os.fsencode(root) + b"/n0\xe9")  # and a class directory
     config = cfg("imagefolder", root, val_fraction=0.5)
     names = [build_source(config, split) for split in ("train", "val")]
     folder = names[0].source
@@ -201,6 +202,7 @@ def test_a_file_name_that_is_not_utf8_is_indexed_and_loaded(tmp_path):
     assert f"{CLASSES[0]}/caf\udce9.jpg" in paths
     image, label = folder.load(paths.index(f"{CLASSES[0]}/caf\udce9.jpg"), random.Random(0))
     assert label == 0 and image.shape == (3, SIZE, SIZE)
+    assert folder.classes == [CLASSES[0], CLASSES[1], "n0\udce9"] and folder.label(len(folder) - 1) == 2
 
 
 # ---------------------------------------------------------------- shards

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from datasets import CLASSES, make_imagefolder
 from helpers import ROOT, losses, run_job
 
@@ -63,6 +64,19 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_on_every_rank(tmp_path):
     from dist_workers import nonfinite_step_is_skipped, spawn
     spawn(nonfinite_step_is_skipped, 2, tmp_path)
     assert (tmp_path / "ok").exists()
+
+
+def test_a_diverged_run_skips_its_updates_and_stops_after_ten_in_a_row(tmp_path):
+    """lr 1e30: the first update makes every later loss and gradient non-finite. Those updates are
+    skipped (the checkpoints in between keep finite weights), and the run ends at the tenth."""
+    from vit.checkpoint import consolidated_model
+    proc = run_job(tmp_path, "train.steps=40", "optim.lr=1e30", check=False)
+    assert proc.returncode != 0
+    assert "not finite for the last 10 steps (their updates were skipped) at step 11" in proc.stderr, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records if "loss" in r] == [0] + [1] * 10
+    weights, _ = consolidated_model(tmp_path / "checkpoints" / "step-8")
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_ranks_draw_different_random_numbers_after_the_identical_init(tmp_path):

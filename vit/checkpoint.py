@@ -324,17 +324,24 @@ class Checkpointer:
         """
         candidates, error = None, None
         if self.rank == 0:
-            candidates = [str(p) for p in valid_checkpoints(self.root)]
+            candidates = [str(p) for p in checkpoint_dirs(self.root)]
             error = next((f"{self.root.parent} holds checkpoints of another setup ({why}); resume with the "
                           "same settings, or give this one a new run_dir"
-                          for why in (incompatible(json.loads((Path(c) / TRAIN_STATE).read_text()))
-                                      for c in candidates) if why), None)
+                          for why in (incompatible(state) for state in map(_complete_train_state, candidates)
+                                      if state is not None) if why), None)
         candidates, error = broadcast_object((candidates, error))
         if error:
             raise CheckpointError(error)
         self.failed_loads = []
         for candidate in candidates:
             path = Path(candidate)
+            # Newest first, each checked only when reached: reading ViT-H's metadata for 32 ranks
+            # takes ~1 s, and the other ranks wait for it at every restart.
+            problem = broadcast_object(problem_with(path) if self.rank == 0 else None)
+            if problem:
+                if self.rank == 0:
+                    warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+                continue
             try:
                 model_sd, optim_sd = get_state_dict(model, optimizer)
                 dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=SafeReader(str(path)),
@@ -352,7 +359,17 @@ class Checkpointer:
                 continue
             if rng is not None:
                 set_rng_state(rng)
+            self._known_valid.add(path)
             return {"path": str(path), **json.loads((path / TRAIN_STATE).read_text())}
+        return None
+
+
+def _complete_train_state(path: str) -> dict | None:
+    """The train state of a committed checkpoint; None for one in flight or damaged (`problem_with`
+    reports that when load_latest reaches it)."""
+    try:
+        return json.loads((Path(path) / TRAIN_STATE).read_text()) if (Path(path) / COMPLETE).is_file() else None
+    except (OSError, ValueError):
         return None
 
 

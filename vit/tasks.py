@@ -35,8 +35,8 @@ class EvalSplit:
     number of batches (FSDP's all-gathers are collectives): the last ones are padded with sample 0,
     and `keep` masks the padding out.
 
-    An unreadable image is masked out too and counted (`unreadable()`): training replaces it with
-    the next sample, but here that sample would be scored twice, once under each image's name.
+    An unreadable image is masked out too and counted (`unreadable()`): training replaces it with a
+    stand-in, but here the stand-in would be scored twice, once under each image's name.
     """
 
     def __init__(self, source, world: World, batch: int, num_workers: int):

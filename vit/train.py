@@ -29,7 +29,8 @@ from vit.parallel import resolve_precision, shard_model
 from vit.stop import StopRequest
 from vit.tasks import build_task, classification_loss, write_evaluation
 
-# A single non-finite step is skipped; this many in a row (as seen at a log or save step) end the run.
+# A step with a non-finite loss or gradient norm is skipped; this many in a row (as seen at a log or
+# save step) end the run.
 MAX_SKIPPED_IN_A_ROW = 10
 PROCESS_START = time.time()  # close enough to the interpreter's start: this module is imported first
 
@@ -199,7 +200,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     logger = MetricsLogger(str(run_dir), main, steps, step, flops_per_image, world.world_size, device,
                            progress=cfg.train.progress)
     if owed_eval:
-        evaluate(task, model, val_source, world, run_dir, step, journal, logger)
+        with logger.paused():
+            evaluate(task, model, val_source, world, run_dir, step, journal, logger)
 
     def train_state() -> dict:
         return {"data": {"epoch": position.epoch, "offset": position.offset}, "num_samples": len(source),
@@ -222,7 +224,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         example_bad = example_bad or next((b[3] for b in micro_batches if b[3]), "")
         step_loss, grad_norm = train_step(model, optimizer, [(b[0], b[1]) for b in micro_batches], device,
                                           task.loss, cfg.train.grad_clip)
-        loss_sum += step_loss
+        # A skipped step (its loss is often non-finite too) stays out of the mean: it changed nothing.
+        loss_sum += torch.where(optimizer.found_inf.bool(), 0.0, step_loss)
         skipped_in_window += optimizer.found_inf
         skipped_in_a_row = (skipped_in_a_row + 1) * optimizer.found_inf
         step += 1
@@ -242,16 +245,17 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         if step % cfg.train.log_every == 0 or save_due:
             totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(window_bad), device=device)]))
             bad_samples += int(totals[1].item())
-            mean_loss = totals[0].item() / (global_batch * window_steps)
             skipped, in_a_row = (int(x) for x in torch.stack([skipped_in_window, skipped_in_a_row]).tolist())
+            trained = window_steps - skipped
+            mean_loss = totals[0].item() / (global_batch * trained) if trained else math.nan
             record = logger.log(step, loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), epoch=position.epoch,
                                 bad_samples=bad_samples, skipped_steps=skipped)
             journal.write("metrics", step, **{k: record[k] for k in ("loss", "lr", "grad_norm", "images_per_s",
                                                                      "mfu", "epoch", "bad_samples", "skipped_steps")})
-            if not math.isfinite(mean_loss) or in_a_row >= MAX_SKIPPED_IN_A_ROW:  # diverged: saving would not help
-                what = f"loss is {mean_loss}" if not math.isfinite(mean_loss) else \
-                    f"the gradient norm was not finite for the last {in_a_row} steps (their updates were skipped)"
-                raise FloatingPointError(f"{what} at step {step}; lower optim.lr or check the data")
+            if in_a_row >= MAX_SKIPPED_IN_A_ROW or (trained and not math.isfinite(mean_loss)):  # diverged
+                raise FloatingPointError(f"the loss or gradient norm was not finite for the last {max(in_a_row, 1)} "
+                                         f"steps (their updates were skipped) at step {step}; lower optim.lr or "
+                                         "check the data")
             loss_sum.zero_()
             skipped_in_window.zero_()
             window_steps, window_bad = 0, 0

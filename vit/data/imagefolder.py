@@ -128,7 +128,7 @@ def check_classes(root: str, class_dirs: list[str], threads: int = 32) -> None:
 def _fingerprint(root: str, class_dirs: list[str], pool: ThreadPoolExecutor) -> str:
     mtimes = pool.map(_stat_mtime, [os.path.join(root, c) for c in class_dirs])
     text = "".join(f"{c}\t{m}\n" for c, m in zip(class_dirs, mtimes))
-    return f"v{INDEX_VERSION}:" + hashlib.sha256(text.encode()).hexdigest()
+    return f"v{INDEX_VERSION}:" + hashlib.sha256(os.fsencode(text)).hexdigest()
 
 
 def _build_index(root: str, class_dirs: list[str], pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
