@@ -171,14 +171,17 @@ def test_preemption_by_a_higher_priority_partition(slurm_env, tmp_path):
 def test_crash_loop_stops_requeueing(slurm_env, tmp_path):
     run_dir = tmp_path / "crash"
     # A learning rate this large diverges at the same step every time: a real, repeatable failure.
+    # From step 2 every update is skipped (non-finite loss); the 10th in a row, at step 11, ends the
+    # run, and the checkpoint of step 10 (9 skipped in a row) resumes into the same end.
     job = submit(slurm_env, run_dir, "train.steps=40", "optim.lr=1e30", "optim.warmup_steps=1")
     state = wait_job(job, slurm_env, timeout=420, log_files=logs(run_dir))
     assert state["JobState"] == "FAILED", state
     assert state["Restarts"] == "2", state  # 3 identical failures: the first two are requeued
     assert requeue_causes(run_dir) == ["failure", "failure"]
     text = log_text(run_dir)
-    assert re.search(r"not requeueing: crash loop: 3 failures in a row since the start, with no checkpoint yet "
-                     r"\(last at step 2: ", text), text[-3000:]
+    assert re.search(r"not requeueing: crash loop: 3 failures in a row since the checkpoint of step 10 "
+                     r"\(last at step 11: FloatingPointError: the loss or gradient norm was not finite for the "
+                     r"last 10 steps", text), text[-3000:]
 
 
 def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, tmp_path):

@@ -77,6 +77,11 @@ def test_a_diverged_run_skips_its_updates_and_stops_after_ten_in_a_row(tmp_path)
     assert [r["skipped_steps"] for r in records if "loss" in r] == [0] + [1] * 10
     weights, _ = consolidated_model(tmp_path / "checkpoints" / "step-8")
     assert all(torch.isfinite(w).all() for w in weights.values())
+    # The count in a row is saved with the checkpoint (7 at step 8): the restart ends at step 11 again
+    # instead of granting 10 more steps, so a requeued run cannot loop on checkpoints of skipped steps.
+    again = run_job(tmp_path, "train.steps=40", "optim.lr=1e30", check=False)
+    assert "resumed from" in again.stdout and "(step 8," in again.stdout, again.stdout
+    assert "not finite for the last 10 steps (their updates were skipped) at step 11" in again.stderr, again.stderr[-2000:]
 
 
 def test_ranks_draw_different_random_numbers_after_the_identical_init(tmp_path):

@@ -133,7 +133,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                         keep_every=cfg.checkpoint.keep_every, every_steps=cfg.checkpoint.every_steps,
                         every_minutes=cfg.checkpoint.every_minutes, async_save=cfg.checkpoint.async_save,
                         journal=journal)
-    step, position, bad_samples = 0, DataPosition(), 0
+    step, position, bad_samples, in_a_row = 0, DataPosition(), 0, 0
 
     def incompatible(saved: dict) -> str | None:
         was = saved["config"]
@@ -157,6 +157,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
             print(f"fresh start from pretrained weights {cfg.pretrained}", flush=True)
     if resumed:
         step, position, bad_samples = resumed["step"], DataPosition(**resumed["data"]), resumed["bad_samples"]
+        in_a_row = resumed.get("skipped_in_a_row", 0)
         journal.write("resume", step, checkpoint=resumed["path"], saved_world_size=resumed["world_size"],
                       world_size=world.world_size)
         if main:
@@ -205,7 +206,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
 
     def train_state() -> dict:
         return {"data": {"epoch": position.epoch, "offset": position.offset}, "num_samples": len(source),
-                "bad_samples": bad_samples,
+                "bad_samples": bad_samples, "skipped_in_a_row": in_a_row,
                 "total_steps": steps, "world_size": world.world_size, "version": vit.__version__,
                 "config": OmegaConf.to_container(cfg, resolve=True), "classes": source.classes}
 
@@ -213,8 +214,11 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     model.train()
     start_step = progress["step"] = step
     loss_sum = torch.zeros((), device=device)  # stays on device: no host sync until a log step
-    # Steps whose grad norm was not finite (their updates skipped): in this log window, and in a row.
-    skipped_in_window, skipped_in_a_row = torch.zeros((), device=device), torch.zeros((), device=device)
+    # Steps whose loss or grad norm was not finite (their updates skipped): in this log window, and in
+    # a row. The run in a row is saved (every save follows a log), or a diverged run that checkpoints
+    # between skipped steps would look like progress to the crash-loop rule after every requeue.
+    skipped_in_window = torch.zeros((), device=device)
+    skipped_in_a_row = torch.full((), float(in_a_row), device=device)
     window_steps, window_bad, example_bad, started, stop_kind = 0, 0, "", time.time(), None
     while step < steps:
         lr = learning_rate(step, cfg.optim, steps)
