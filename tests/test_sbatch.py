@@ -1,10 +1,12 @@
 """Fine-tuning on the two-node Slurm cluster: the plain sbatch scripts submitted exactly as written
 (only sbatch options, i.e. the cluster's shape, and the documented environment variables change),
 and the same job through the Hydra launcher."""
+import functools
 import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,33 @@ def test_a_crash_loop_is_failures_without_a_new_checkpoint():
     killed = {"state": "failed", "error": "workers exited with code 1 (killed or crashed)"}
     assert not requeue_decision(killed, "failure", [{"cause": "failure", "checkpoint": None}] * 2, 40, 3, None)[0]
     assert not requeue_decision(failed, "failure", [], 40, 1, checkpoint=10)[0]  # a limit of 1: never requeue one
+
+
+def test_the_agent_outlives_failing_slurm_commands(slurm_env, tmp_path, monkeypatch, capsys):
+    """The real squeue and scontrol, asked about a job the controller does not know. The time left
+    falls back to the end time Slurm puts in the job's environment; a failed requeue is retried, then
+    reported in one line and taken back out of the requeue log (the requeue limits count that log)."""
+    from vit.slurm import REQUEUE_LOG, NodeAgent, time_left_s
+
+    unknown = "987654321"
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 600))
+    assert 590 < time_left_s(unknown) <= 600
+    monkeypatch.delenv("SLURM_JOB_END_TIME")
+    assert time_left_s(unknown) is None
+
+    monkeypatch.setenv("SLURM_JOB_ID", unknown)
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "status.json").write_text(json.dumps({"state": "stopped", "stop": "usr2", "step": 7}))
+    agent = NodeAgent(["true"], str(tmp_path), 1, max_requeues=5, crash_loop_limit=3, signal_lead_s=60)
+    agent.stop_cause = "preemption"
+    agent._requeue = functools.partial(NodeAgent._requeue, agent, wait_s=0.01)
+    assert agent.decide(0) == 1
+    out = capsys.readouterr().out
+    assert [f"attempt {i} of 4" in out for i in (1, 2, 3, 4)] == [True] * 4, out
+    assert f"not requeueing: scontrol requeue {unknown} failed (" in out and "requeue the job by hand" in out, out
+    assert (tmp_path / "slurm" / REQUEUE_LOG).read_text() == ""
+    assert json.loads((tmp_path / "journal.jsonl").read_text().splitlines()[-1])["event"] == "agent_exit"
 
 
 @pytest.mark.parametrize("task", ["coco", "ade20k"])

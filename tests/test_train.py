@@ -129,6 +129,8 @@ def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(t
     ("train.eval_every=-1", "train.eval_every"),
     ("train.micro_batch=8.0", "train.micro_batch"),
     ("train.steps=-5", "train.steps"),
+    ("train.steps=null train.epochs=0", "train.epochs"),
+    ("train.global_batch=4096", "train.global_batch"),  # the smoke set has 2048 images
     ("train.label_smoothing=1.5", "train.label_smoothing"),
     ("model.drop_path_rate=1.0", "model.drop_path_rate"),
     ("optim.betas=[0.9,1.5]", "optim.betas"),
@@ -139,7 +141,7 @@ def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(t
 def test_bad_input_fails_early_in_one_line(tmp_path, override, key):
     proc = subprocess.run([sys.executable, "jobs/pretrain.py", "experiment=smoke", f"run_dir={tmp_path}", *override.split(),
                            f"data.root={tmp_path / 'no-such-dataset'}" if key == "data.root"
-                           else "train.progress=false" if key == "train.steps" else "train.steps=100"],
+                           else "train.progress=false" if key in ("train.steps", "train.epochs") else "train.steps=100"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

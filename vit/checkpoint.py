@@ -137,10 +137,11 @@ def problem_with(path: Path) -> str | None:
     return None
 
 
-def valid_checkpoints(root: Path, warn: bool = True) -> list[Path]:
+def valid_checkpoints(root: Path, warn: bool = True, known: set[Path] = frozenset()) -> list[Path]:
+    """The loadable checkpoints, newest first; those in `known` were checked before and are not re-read."""
     valid = []
     for path in checkpoint_dirs(root):
-        problem = problem_with(path)
+        problem = None if path in known else problem_with(path)
         if problem is None:
             valid.append(path)
         elif warn:
@@ -302,8 +303,8 @@ class Checkpointer:
 
     def _apply_retention(self, newest: Path) -> None:
         # One that failed to load at this start does not count towards `keep`.
-        valid = [p for p in checkpoint_dirs(self.root) if str(p) not in self.failed_loads
-                 and (p in self._known_valid or problem_with(p) is None)]
+        valid = [p for p in valid_checkpoints(self.root, warn=False, known=self._known_valid)
+                 if str(p) not in self.failed_loads]
         self._known_valid.update(valid)
         keep = set(valid[: self.keep]) | {newest}
         if self.keep_every:

@@ -36,9 +36,14 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
 
 
 def total_steps(cfg: DictConfig, num_samples: int) -> int:
+    if cfg.train.global_batch > num_samples:
+        raise ConfigError("train.global_batch", f"{cfg.train.global_batch} is larger than the training set "
+                          f"({num_samples} samples)", "lower train.global_batch or check data.root")
     if cfg.train.steps:
         return int(cfg.train.steps)
-    return math.ceil(cfg.train.epochs * num_samples / cfg.train.global_batch)
+    # An epoch is its order's full global batches (the loader drops the remainder and reshuffles), so
+    # a ceil over the whole run would spill into one more epoch.
+    return math.ceil(cfg.train.epochs * (num_samples // cfg.train.global_batch))
 
 
 def max_requeues(run_hours: float, time_limit_min: float, margin: float = 1.5, spare: int = 5) -> int:
@@ -114,6 +119,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if cfg.train.steps is not None and (type(cfg.train.steps) is not int or cfg.train.steps < 1):
         raise ConfigError("train.steps", f"must be a positive integer or null, got {cfg.train.steps!r}",
                           "set train.steps, or null to train for train.epochs")
+    if cfg.train.steps is None and not (isinstance(cfg.train.epochs, (int, float)) and cfg.train.epochs > 0):
+        raise ConfigError("train.epochs", f"must be positive when train.steps is null, got {cfg.train.epochs!r}",
+                          "set train.epochs, or train.steps")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError("train.grad_clip", "must be positive or null", "set train.grad_clip=1.0 or null")
     for key in ("log_every", "global_batch", "micro_batch"):
@@ -139,10 +147,10 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                           "keep at least 2 checkpoints")
     accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, world_size)
 
-    from vit.data.sources import check_data  # raises DataError, a one-line ValueError naming the key
+    from vit.data.sources import check_data, expected_train_samples  # DataError: one line naming the key
     check_data(cfg.data)
 
-    steps = total_steps(cfg, int(cfg.data.num_samples))
+    steps = total_steps(cfg, expected_train_samples(cfg.data))
     if cfg.optim.warmup_steps >= steps:
         raise ConfigError("optim.warmup_steps", f"{cfg.optim.warmup_steps} is not shorter than the run ({steps} steps)",
                           "lower optim.warmup_steps or raise train.steps/train.epochs")

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from vit.config import total_steps
+from vit.data.sources import expected_train_samples
 from vit.tasks import build_task
 
 DEFAULTS = {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
@@ -48,7 +49,7 @@ def plan(cfg: DictConfig) -> dict:
     s = settings(cfg)
     name, classes, task = cfg.model.name, int(cfg.data.num_classes), build_task(cfg)
     gpus = int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)
-    steps = total_steps(cfg, int(cfg.data.num_samples))
+    steps = total_steps(cfg, expected_train_samples(cfg.data))
     batch = int(cfg.train.global_batch)
     flops_per_image = task.flops_per_image(classes)  # fine-tuning: the trunk's share
     total_flops = steps * batch * flops_per_image

@@ -256,10 +256,12 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                                 bad_samples=bad_samples, skipped_steps=skipped)
             journal.write("metrics", step, **{k: record[k] for k in ("loss", "lr", "grad_norm", "images_per_s",
                                                                      "mfu", "epoch", "bad_samples", "skipped_steps")})
-            if in_a_row >= MAX_SKIPPED_IN_A_ROW or (trained and not math.isfinite(mean_loss)):  # diverged
-                raise FloatingPointError(f"the loss or gradient norm was not finite for the last {max(in_a_row, 1)} "
-                                         f"steps (their updates were skipped) at step {step}; lower optim.lr or "
-                                         "check the data")
+            if in_a_row >= MAX_SKIPPED_IN_A_ROW:  # diverged
+                raise FloatingPointError(f"the loss or gradient norm was not finite for the last {in_a_row} steps "
+                                         f"(their updates were skipped) at step {step}; lower optim.lr or check the data")
+            if trained and not math.isfinite(mean_loss):  # a non-finite loss whose gradient was finite: applied
+                raise FloatingPointError(f"the loss was not finite in the {trained} applied steps up to step {step}, "
+                                         "though their gradient norms were; check the task's loss and the data")
             loss_sum.zero_()
             skipped_in_window.zero_()
             window_steps, window_bad = 0, 0

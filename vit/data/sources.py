@@ -97,6 +97,15 @@ def build_source(data_cfg: Mapping, split: str, cache_dir: str | None = None) ->
     return Subset(source, np.flatnonzero(held_out if split == "val" else ~held_out))
 
 
+def expected_train_samples(data_cfg: Mapping) -> int:
+    """`data.num_samples` less the share held out of data.root for validation: what the run will
+    index, for plans and submit-time checks made without reading the dataset."""
+    count = int(_require(data_cfg, "num_samples"))
+    if _format(data_cfg) in ("synthetic", "coco", "ade20k") or data_cfg.get("val_root"):
+        return count
+    return round(count * (1 - _val_fraction(data_cfg)))
+
+
 def check_data(data_cfg: Mapping) -> None:
     """Fast sanity check for the login node: paths, layout, class count. Reads each class directory
     only up to its first image, never the full listing."""
