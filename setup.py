@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "pillow",
         "safetensors",
+        "pycocotools>=2.0.11",  # COCO box AP; 2.0.9 and 2.0.10 fail on annotations without "info"
         "tqdm",
         "matplotlib",  # jobs/status.py --plot
     ],

@@ -5,10 +5,11 @@
 # (scontrol requeue). The requeued job runs this script again and resumes from the newest checkpoint.
 #
 # Settings (environment variables; sbatch passes the submitting shell's environment on):
-#   RUN_DIR         run directory                   [runs/<task>] (relative: to the submit dir)
+#   RUN_DIR         run directory                   [runs/<task>]
 #   DATA_ROOT       dataset root                    [the data config's default, from $COCO_ROOT / $ADE20K_ROOT]
 #   PRETRAINED      pretrained weights: a pretraining run dir, a step-N checkpoint or an exported
 #                   .safetensors file               [$VIT_PRETRAINED, else none: train from scratch]
+#   (relative paths in these three are to the directory sbatch was run from)
 #   VIT_OVERRIDES   extra Hydra overrides, separated by spaces or newlines, e.g. "train.steps=90000 optim.lr=5e-5"
 #                   (each word is one argument; nothing is evaluated by the shell). They are composed
 #                   once before srun: a typo ends the job there, not requeued.
@@ -24,6 +25,10 @@ hydra_quoted() {  # VALUE as a Hydra override's quoted string: no sweep (','), g
   printf "'%s'" "$v"
 }
 
+from_submit_dir() {  # PATH, made absolute against the directory sbatch ran in (the script cds away)
+  [[ "$1" = /* ]] && printf '%s' "$1" || printf '%s' "$SLURM_SUBMIT_DIR/$1"
+}
+
 gpus_on_node() {  # SLURM_GPUS_ON_NODE when GPUs are allocated; --gpus-per-node may read "h100:8"
   local n="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
   n="${n##*:}"
@@ -34,14 +39,14 @@ gpus_on_node() {  # SLURM_GPUS_ON_NODE when GPUs are allocated; --gpus-per-node 
 vit_finetune() {
   local task="$1"
   set -f  # VIT_OVERRIDES words are arguments, never globs
-  local run_dir="${RUN_DIR:-runs/$task}"
-  [[ "$run_dir" = /* ]] || run_dir="$SLURM_SUBMIT_DIR/$run_dir"
+  local run_dir
+  run_dir="$(from_submit_dir "${RUN_DIR:-runs/$task}")"
   local -a args=("task=$task" "run_dir=$(hydra_quoted "$run_dir")")
-  [[ -n "${DATA_ROOT:-}" ]] && args+=("data.root=$(hydra_quoted "$DATA_ROOT")")
-  [[ -n "${PRETRAINED:-}" ]] && args+=("pretrained=$(hydra_quoted "$PRETRAINED")")
+  [[ -n "${DATA_ROOT:-}" ]] && args+=("data.root=$(hydra_quoted "$(from_submit_dir "$DATA_ROOT")")")
+  [[ -n "${PRETRAINED:-}" ]] && args+=("pretrained=$(hydra_quoted "$(from_submit_dir "$PRETRAINED")")")
   local -a extra
   read -r -d '' -a extra <<< "${VIT_OVERRIDES:-}" || true  # every line's words
-  args+=("${extra[@]}")
+  args+=(${extra[@]+"${extra[@]}"})  # bash < 4.4 calls an empty array unbound under set -u
 
   mkdir -p "$run_dir/slurm"
   echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): output continues in $run_dir/slurm/"

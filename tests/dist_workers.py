@@ -2,9 +2,11 @@
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 
 
 def spawn(fn, world_size: int, *args) -> None:
@@ -149,4 +151,31 @@ def nonfinite_step_is_skipped(rank, out_dir):
     assert not all(torch.equal(a, p.to_local()) for a, p in zip(after[0], model.parameters()))
     if rank == 0:
         (out_dir / "ok").write_text("skipped")
+    close()
+
+
+def coco_scoring_failure_fails_every_rank(rank, root, out_dir):
+    """Only rank 0 scores (COCOeval); its failure must reach the others, or they hang in the next step."""
+    import vit.tasks
+    from vit.data.coco import CocoDetection as CocoSource
+    from vit.distributed import close, init_distributed
+
+    world = init_distributed("cpu")
+    source = CocoSource(root, "val", img_size=64, train=False)
+    task = vit.tasks.build_task(OmegaConf.create({"task": {"name": "coco"}, "train": {"micro_batch": 2},
+                                                 "data": {"num_workers": 0}}))
+
+    def nothing_found(images):
+        return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+                for _ in images]
+
+    def broken_scoring(*args):
+        raise KeyError("info")
+
+    vit.tasks.coco_box_ap = broken_scoring
+    try:
+        task.evaluate(nothing_found, source, world)
+    except RuntimeError as e:
+        assert "COCO evaluation of" in str(e) and "KeyError" in str(e), e
+        (Path(out_dir) / f"raised-{rank}").touch()
     close()

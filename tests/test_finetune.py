@@ -132,6 +132,42 @@ def test_coco_evaluation_skips_an_unreadable_image_once_and_clips_boxes_to_the_i
     assert len(whole) == 5 and all(d["bbox"] == [0, 0, *sizes[d["image_id"]]] for d in whole)
 
 
+def test_a_coco_scoring_failure_fails_every_rank(tmp_path):
+    from dist_workers import coco_scoring_failure_fails_every_rank, spawn
+
+    root = make_coco(tmp_path / "coco", n_train=2, n_val=4)
+    spawn(coco_scoring_failure_fails_every_rank, 2, str(root), str(tmp_path))
+    assert (tmp_path / "raised-0").exists() and (tmp_path / "raised-1").exists()
+
+
+def test_coco_val_categories_must_be_the_train_categories(tmp_path):
+    """A label is an index into the train categories; scoring maps it through the val ones."""
+    root = make_coco(tmp_path / "coco", n_train=16, n_val=4)
+    ann = root / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    dropped = data["categories"].pop()["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != dropped]
+    ann.write_text(json.dumps(data))
+    proc = finetune(tmp_path / "run", *TINY_COCO, f"data.root={root}", "train.steps=20", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.root: the val split has"), proc.stderr
+
+
+def test_coco_without_pycocotools_is_rejected_before_anything_runs(coco, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    import vit.launch  # noqa: F401  the resolvers
+    from vit.config import ConfigError, validate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=["task=coco", f"data.root={coco}"])
+    validate(cfg, 1)
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # how an interpreter without it looks to find_spec
+    with pytest.raises(ConfigError, match=r"^task: task=coco scores with pycocotools, which is not installed"):
+        validate(cfg, 1)
+
+
 def test_segmenter_learns_and_reports_dataset_level_miou(ade, tmp_path):
     run_dir = tmp_path / "ade"
     finetune(run_dir, *TINY_ADE, f"data.root={ade}", "train.steps=150", "train.eval_every=150", timeout=600)

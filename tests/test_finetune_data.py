@@ -189,6 +189,20 @@ def test_ade20k_labels_are_reduced_exactly_once(ade):
     assert seen <= {0, 1, 2, 4, 255} and {0, 4, 255} <= seen  # PNG values {0, 1, 2, 3, 5}, reduced once
 
 
+def test_ade20k_label_above_the_classes_is_an_unreadable_sample(tmp_path):
+    """A value past 150 (another release, or a colour-coded map) would be a class past the head: a
+    device assert in the loss on GPU. It is rejected as the sample's error, which is skipped and counted."""
+    root = make_ade20k(tmp_path / "ade", n_train=2, n_val=1)
+    source = ADE20K(str(root), "train", 64, train=True)
+    png = root / "annotations" / "training" / f"{source.stems[0]}.png"
+    label = np.array(Image.open(png))
+    label[0, 0] = 200
+    Image.fromarray(label).save(png)
+    with pytest.raises(ValueError, match="holds label 200, above ADE20K's 150 classes"):
+        source.read_label(0)
+    source.read_label(1)  # the others still read
+
+
 def test_ade20k_eval_image_size_follows_the_keep_ratio_rule(ade):
     val = ADE20K(str(ade), "val", S, train=False)
     for i in range(len(val)):

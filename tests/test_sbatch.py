@@ -92,7 +92,9 @@ def test_sbatch_script_is_signalled_requeued_and_resumed_to_the_end(slurm_env, t
     run_dir = tmp_path / "run"
     overrides = [o for o in tiny if not o.startswith("task=")] + [
         "train.micro_batch=4", "train.steps=40", "train.eval_every=40", "train.log_every=1", "checkpoint.every_steps=10"]
-    env = {**slurm_env, "RUN_DIR": str(run_dir), "DATA_ROOT": str(data), "PRETRAINED": str(weights),
+    # Relative paths, as users write them: to the directory sbatch runs in, not to the repository.
+    env = {**slurm_env, "RUN_DIR": "run", "DATA_ROOT": str(data.relative_to(tmp_path)),
+           "PRETRAINED": str(Path(weights).relative_to(tmp_path)),
            "VIT_OVERRIDES": " ".join(overrides), "PYTHON": sys.executable, "SIGNAL_LEAD_S": "60"}
     job = sbatch([*MINICLUSTER, str(ROOT / "sbatch" / f"finetune_{task}.sh")], env, cwd=tmp_path)
     wait_for_step(run_dir, 3, slurm_env, job, timeout=300, log_files=[tmp_path / f"vit-{task}-{job}.out"])

@@ -68,19 +68,22 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_on_every_rank(tmp_path):
 
 def test_a_diverged_run_skips_its_updates_and_stops_after_ten_in_a_row(tmp_path):
     """lr 1e30: the first update makes every later loss and gradient non-finite. Those updates are
-    skipped (the checkpoints in between keep finite weights), and the run ends at the tenth."""
+    skipped (the checkpoints in between keep finite weights), and the run ends at the tenth. Every
+    rank ends at that step, so the async save of step 10, still in flight, is committed first."""
     from vit.checkpoint import consolidated_model
-    proc = run_job(tmp_path, "train.steps=40", "optim.lr=1e30", check=False)
+    diverging = ["train.steps=40", "optim.lr=1e30", "checkpoint.every_steps=5", "checkpoint.async_save=true"]
+    proc = run_job(tmp_path, *diverging, check=False)
     assert proc.returncode != 0
     assert "not finite for the last 10 steps (their updates were skipped) at step 11" in proc.stderr, proc.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if "loss" in r] == [0] + [1] * 10
-    weights, _ = consolidated_model(tmp_path / "checkpoints" / "step-8")
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-10"
+    weights, _ = consolidated_model(tmp_path / "checkpoints" / "step-10")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    # The count in a row is saved with the checkpoint (7 at step 8): the restart ends at step 11 again
+    # The count in a row is saved with the checkpoint (9 at step 10): the restart ends at step 11 again
     # instead of granting 10 more steps, so a requeued run cannot loop on checkpoints of skipped steps.
-    again = run_job(tmp_path, "train.steps=40", "optim.lr=1e30", check=False)
-    assert "resumed from" in again.stdout and "(step 8," in again.stdout, again.stdout
+    again = run_job(tmp_path, *diverging, check=False)
+    assert "resumed from" in again.stdout and "(step 10," in again.stdout, again.stdout
     assert "not finite for the last 10 steps (their updates were skipped) at step 11" in again.stderr, again.stderr[-2000:]
 
 

@@ -5,6 +5,7 @@ and how to fix it. Entry points print that line and exit non-zero without a trac
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from omegaconf import DictConfig, OmegaConf
@@ -182,6 +183,9 @@ def validate_task(cfg: DictConfig) -> None:
     if cfg.data.img_size % patch:
         raise ConfigError("data.img_size", f"{cfg.data.img_size} is not a multiple of the patch size {patch} ({key})",
                           f"use a multiple of {patch}")
+    if name == "coco" and importlib.util.find_spec("pycocotools") is None:  # else the first evaluation fails
+        raise ConfigError("task", "task=coco scores with pycocotools, which is not installed",
+                          "pip install 'pycocotools>=2.0.11'")
     if name == "coco" and cfg.data.img_size % 32:
         raise ConfigError("data.img_size", f"{cfg.data.img_size} is not a multiple of 32, the detector's coarsest "
                           "pyramid stride before p6", "use e.g. 1024")

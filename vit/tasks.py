@@ -175,6 +175,8 @@ class DenseTask(Task):
                          "use a checkpoint of the same model")
             except CheckpointError as e:
                 error = str(e)
+            except Exception as e:  # noqa: BLE001 (a damaged directory fails in DCP in any way; never hang the peers)
+                error = f"pretrained: {self.cfg.pretrained} could not be read ({type(e).__name__}: {e})"
         error = broadcast_object(error)  # every rank fails alike instead of waiting for rank 0's tensors
         if error:
             raise CheckpointError(error)
@@ -244,10 +246,17 @@ class CocoDetection(DenseTask):
         gathered = [None] * world.world_size if world.world_size > 1 else [(detections, image_ids)]
         if world.world_size > 1:
             dist.all_gather_object(gathered, (detections, image_ids))
-        if not world.is_main:
-            return {}
-        return {**coco_box_ap(source.ann_file, [d for part, _ in gathered for d in part],
-                              [i for _, ids in gathered for i in ids]), "unreadable": unreadable}
+        scores, error = {}, None
+        if world.is_main:
+            try:
+                scores = {**coco_box_ap(source.ann_file, [d for part, _ in gathered for d in part],
+                                        [i for _, ids in gathered for i in ids]), "unreadable": unreadable}
+            except Exception as e:  # noqa: BLE001 (every rank must fail, or the others hang in the next step)
+                error = f"COCO evaluation of {source.ann_file} failed ({type(e).__name__}: {e})"
+        error = broadcast_object(error)
+        if error:
+            raise RuntimeError(error)
+        return scores
 
 
 @functools.lru_cache(maxsize=1)
@@ -257,7 +266,9 @@ def coco_ground_truth(ann_file: str):
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        return COCO(ann_file)
+        gt = COCO(ann_file)
+    gt.dataset.setdefault("info", {})  # loadRes copies it; converted datasets often lack it
+    return gt
 
 
 def coco_box_ap(ann_file: str | Path, detections: list[dict], image_ids: list[int] | None = None) -> dict:

@@ -103,6 +103,9 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     val_source = task.source("val", str(run_dir)) if cfg.train.eval_every else None
     if world.local_rank == 0:
         barrier()
+    if val_source is not None and val_source.classes != source.classes:  # a label means one class in both
+        raise DataError(f"data.root: the val split has {len(val_source.classes)} classes, the train split "
+                        f"{len(source.classes)} (or in another order); give both splits the same categories")
     num_classes = len(source.classes)
     steps = total_steps(cfg, len(source))
     global_batch, micro_batch = cfg.train.global_batch, cfg.train.micro_batch
@@ -256,19 +259,28 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                                 bad_samples=bad_samples, skipped_steps=skipped)
             journal.write("metrics", step, **{k: record[k] for k in ("loss", "lr", "grad_norm", "images_per_s",
                                                                      "mfu", "epoch", "bad_samples", "skipped_steps")})
+            failure = None
             if in_a_row >= MAX_SKIPPED_IN_A_ROW:  # diverged
-                raise FloatingPointError(f"the loss or gradient norm was not finite for the last {in_a_row} steps "
-                                         f"(their updates were skipped) at step {step}; lower optim.lr or check the data")
-            if trained and not math.isfinite(mean_loss):  # a non-finite loss whose gradient was finite: applied
-                raise FloatingPointError(f"the loss was not finite in the {trained} applied steps up to step {step}, "
-                                         "though their gradient norms were; check the task's loss and the data")
+                failure = FloatingPointError(f"the loss or gradient norm was not finite for the last {in_a_row} steps "
+                                             f"(their updates were skipped) at step {step}; lower optim.lr or check "
+                                             "the data")
+            elif trained and not math.isfinite(mean_loss):  # a non-finite loss whose gradient was finite: applied
+                failure = FloatingPointError(f"the loss was not finite in the {trained} applied steps up to step "
+                                             f"{step}, though their gradient norms were; check the task's loss and "
+                                             "the data")
+            elif bad_samples > cfg.data.max_bad_fraction * step * global_batch:
+                failure = DataError(f"data.max_bad_fraction: {bad_samples} of {step * global_batch} samples were "
+                                    f"unreadable (limit {cfg.data.max_bad_fraction:g}), e.g. "
+                                    f"{example_bad or 'see other ranks'}; repair the dataset or raise "
+                                    "data.max_bad_fraction")
+            if failure is not None:
+                # Every rank fails here at this step (the counts are all-reduced), so an async save of an
+                # earlier step still in flight can be committed: without it the fixed run would redo it.
+                ckpt.finish()
+                raise failure
             loss_sum.zero_()
             skipped_in_window.zero_()
             window_steps, window_bad = 0, 0
-            if bad_samples > cfg.data.max_bad_fraction * step * global_batch:
-                raise DataError(f"data.max_bad_fraction: {bad_samples} of {step * global_batch} samples were "
-                                f"unreadable (limit {cfg.data.max_bad_fraction:g}), e.g. {example_bad or 'see other ranks'}; "
-                                "repair the dataset or raise data.max_bad_fraction")
         if stop_kind:
             journal.write("stop_signal", step, kind=stop_kind)
         if save_due:

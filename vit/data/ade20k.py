@@ -112,6 +112,8 @@ class ADE20K:
             label = np.array(png)
         if label.ndim != 2:
             raise ValueError(f"{self.stems[index]}.png is not a single-channel label map (mode {png.mode})")
+        if label.size and label.max() > len(CLASSES):  # a class past the head: a device assert in the loss
+            raise ValueError(f"{self.stems[index]}.png holds label {label.max()}, above ADE20K's {len(CLASSES)} classes")
         return reduce_zero_label(label)
 
     def load(self, index: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
