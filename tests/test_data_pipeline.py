@@ -429,3 +429,31 @@ def test_benchmark_tiny_mode_runs(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "img/s per core" in proc.stdout and "ratio ours/torchvision" in proc.stdout
+
+
+STOP_WITH_WORKERS = """
+import os, signal
+from vit.data.loader import DataPosition, build_loader
+from vit.data.synthetic import SyntheticImages
+from vit.stop import StopRequest
+
+batches = iter(build_loader(SyntheticImages(64, 4, 16, 0), global_batch=4, micro_batch=4, rank=0, world_size=1,
+                            seed=0, start=DataPosition(), num_workers=2))
+stop = StopRequest().install()  # after the workers started, as in the training loop
+next(batches)
+for pid in [os.getpid(), *(w.pid for w in batches._workers)]:  # Slurm's TERM reaches every process
+    os.kill(pid, signal.SIGTERM)
+for _ in range(5):
+    next(batches)
+print("stop:", stop.kind, flush=True)
+# `batches` stays alive to the end, like a loader held by an exception's traceback: exit must not hang.
+"""
+
+
+def test_a_stop_signal_to_every_process_leaves_the_loader_workers_running():
+    """scancel and a preemption TERM every process of the step. A worker killed by it crashed the rank
+    ("DataLoader worker exited unexpectedly") before it could save, so a preempted run lost its steps
+    since the last checkpoint and a cancelled one was requeued as a failure."""
+    proc = subprocess.run([sys.executable, "-c", STOP_WITH_WORKERS], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "stop: term" in proc.stdout, proc.stdout + proc.stderr[-3000:]

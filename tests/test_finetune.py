@@ -190,7 +190,8 @@ def test_pretrained_trunk_loads_from_dcp_and_safetensors(pretrained, tmp_path, f
                           {k: cfg[k] for k in ("task",)}, {"task": {"window_size": 4}})
     task = build_task(cfg)
     model = task.build_model(num_classes=3)
-    task.load_pretrained(model)
+    # A run directory is resolved to the checkpoint it names now, and reported.
+    assert task.load_pretrained(model) == str(source if form == "safetensors" else pretrained / "checkpoints" / "step-4")
     trunk = model.backbone.trunk.state_dict()
     for name in ("blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.bias", "patch_embed.proj.weight"):
         assert torch.equal(trunk[name], reference[name]), name
@@ -226,7 +227,7 @@ def test_unloadable_checkpoint_restarts_from_the_pretrained_weights(pretrained, 
               "train.eval_every=0", "optim.warmup_steps=2", "checkpoint.every_steps=2", "train.log_every=1"]
     run_dir = tmp_path / "run"
     first = finetune(run_dir, *common, "train.stop_after_steps=2", nproc=2)
-    assert f"fresh start from pretrained weights {pretrained}" in first.stdout, first.stdout
+    assert f"fresh start from pretrained weights {pretrained}/checkpoints/step-4\n" in first.stdout, first.stdout
     shards = sorted((run_dir / "checkpoints/step-2").glob("*.distcp"))
     assert shards
     for shard in shards:  # keep the first half: loading writes some weights, then fails
@@ -234,7 +235,7 @@ def test_unloadable_checkpoint_restarts_from_the_pretrained_weights(pretrained, 
         shard.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
     second = finetune(run_dir, *common, nproc=2)
     assert "skipping checkpoint" in second.stderr and "failed to load" in second.stderr, second.stderr[-3000:]
-    assert f"fresh start from pretrained weights {pretrained}" in second.stdout, second.stdout
+    assert f"fresh start from pretrained weights {pretrained}/checkpoints/step-4\n" in second.stdout, second.stdout
     straight = tmp_path / "straight"
     finetune(straight, *common, nproc=2)
     assert losses(run_dir) == losses(straight)

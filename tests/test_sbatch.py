@@ -52,6 +52,14 @@ def test_a_crash_loop_is_failures_without_a_new_checkpoint():
     assert not requeue_decision(failed, "failure", [], 40, 1, checkpoint=10)[0]  # a limit of 1: never requeue one
 
 
+def test_a_torn_requeue_log_line_is_left_out(tmp_path):
+    from vit.slurm import REQUEUE_LOG, read_log
+
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / REQUEUE_LOG).write_text('{"cause": "time_limit", "step": 5}\n\n{"cause": "fail')
+    assert read_log(tmp_path) == [{"cause": "time_limit", "step": 5}]
+
+
 def test_the_agent_outlives_failing_slurm_commands(slurm_env, tmp_path, monkeypatch, capsys):
     """The real squeue and scontrol, asked about a job the controller does not know. The time left
     falls back to the end time Slurm puts in the job's environment; a failed requeue is retried, then

@@ -16,6 +16,7 @@ import yaml
 from helpers import ROOT, losses
 from slurm_cluster import dump_logs, job_state, requeue_causes, wait_for_step, wait_job
 
+from vit.journal import read_journal
 from vit.status import summarize
 
 TINY_SLURM = ["cluster=minicluster", "experiment=smoke", "data.img_size=32", "data.num_samples=512",
@@ -249,9 +250,14 @@ def test_bad_submissions_are_rejected_before_anything_is_queued(slurm_env, tmp_p
 
 
 def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_path):
+    """Submitted from inside another job's rank: none of that job's environment reaches the new jobs
+    (its RANK would make their tasks train without a node agent; its memory setting clashes with srun's)."""
+    inside_a_job = {**slurm_env, "SLURM_JOB_ID": "4242", "SLURM_MEM_PER_CPU": "100", "SLURM_RESTART_COUNT": "7",
+                    "SUBMITIT_EXECUTOR": "slurm", "RANK": "3", "WORLD_SIZE": "9", "MASTER_ADDR": "10.255.255.1",
+                    "MASTER_PORT": "1"}
     proc = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *TINY_SLURM, f"run_dir={tmp_path}",
                            "train.steps=3", "optim.warmup_steps=1", "optim.lr=1e-3,2e-3"],
-                          cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=180)
+                          cwd=ROOT, env=inside_a_job, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     jobs = [int(j) for j in re.findall(r"submitted job (\d+)", proc.stdout)]
     assert len(jobs) == 2, proc.stdout
@@ -263,6 +269,8 @@ def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_pa
         finish(slurm_env, job, run_dir)
         assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == float(lr)
+        starts = [e for e in read_journal(run_dir) if e["event"] == "job_start"]
+        assert [(e["job_id"], e["restart"]) for e in starts] == [(str(job), 0)], starts
 
 
 @pytest.mark.parametrize("usr2_first,limit", [(False, []), (True, []),

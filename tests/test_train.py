@@ -87,6 +87,22 @@ def test_a_diverged_run_skips_its_updates_and_stops_after_ten_in_a_row(tmp_path)
     assert "not finite for the last 10 steps (their updates were skipped) at step 11" in again.stderr, again.stderr[-2000:]
 
 
+def test_a_gpu_config_on_a_node_without_cuda_fails_instead_of_training_on_the_cpu(tmp_path):
+    """A node whose GPUs failed: falling back to CPU and gloo would leave its peers waiting in NCCL."""
+    proc = run_job(tmp_path, "device=cuda", "train.steps=4", check=False)
+    assert proc.returncode != 0 and "device=cuda, but CUDA is not available on" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_slurm_cluster_config_without_m_in_an_allocation_shell_is_refused(tmp_path):
+    """An salloc shell has SLURM_JOB_ID too: only a task of our own submission may act as a node agent."""
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "experiment=smoke", f"run_dir={tmp_path}",
+                           "cluster=minicluster", "train.steps=100"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "SLURM_JOB_ID": "4242", "SLURM_NODEID": "0"}, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cluster:"), proc.stderr[-2000:]
+    assert not (tmp_path / "slurm").exists()
+
+
 def test_ranks_draw_different_random_numbers_after_the_identical_init(tmp_path):
     """Drop path draws from the global RNG: identical streams would drop the same blocks on every rank."""
     run_job(tmp_path, "train.steps=3", "model.drop_path_rate=0.2", nproc=2)

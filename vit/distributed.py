@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,6 +37,9 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> World
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():  # a GPU node that lost its GPUs: fail, never fall back
+        raise RuntimeError(f"device=cuda, but CUDA is not available on {socket.gethostname()} "
+                           "(a driver or GPU fault?); its peers would otherwise wait for it in NCCL")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -81,7 +85,6 @@ def keep_freed_host_memory() -> None:
 
 
 def _free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -110,7 +110,7 @@ def main(cfg: DictConfig) -> dict | None:
         print(format_plan(plan(cfg)))
         return None
     if cfg.cluster.launcher == "slurm" and "RANK" not in os.environ:
-        if "SLURM_JOB_ID" in os.environ:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # a task of our own submission; not any salloc shell
             return run_slurm_node(cfg)
         fail(ConfigError("cluster", f"{cfg.cluster.nodes}-node Slurm cluster config without -m would train here, "
                          "on this machine", "submit it with -m (python jobs/<script>.py -m cluster=...)"))

@@ -122,8 +122,16 @@ def classify_stop(kind: str | None, seconds_left: float | None, signal_lead_s: f
 
 
 def read_log(run_dir: Path) -> list[dict]:
+    """The requeue log's records; a line torn by a kill mid-write is left out rather than making every
+    later requeue decision fail."""
     path = run_dir / "slurm" / REQUEUE_LOG
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def latest_checkpoint_step(run_dir: Path) -> int | None:

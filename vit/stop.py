@@ -6,6 +6,9 @@ torchrun's own shutdown; INT is Ctrl-C (a second Ctrl-C aborts at once).
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import signal
 
 STOP_SIGNALS = {signal.SIGUSR2: "usr2", signal.SIGTERM: "term", signal.SIGINT: "interrupt"}
@@ -41,3 +44,19 @@ class StopRequest:
     @staticmethod
     def kind_of(code: int) -> str | None:
         return None if code == 0 else KINDS[code - 1]
+
+
+def ignore_stop_signals() -> None:
+    """In a DataLoader worker: the stop signals are the rank's to act on. Slurm sends scancel's,
+    KillWait's and a preemption's TERM to every process of the step, and Ctrl-C's INT reaches the
+    whole process group; a worker that died of one would crash the rank before it could save."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@functools.cache
+def kill_workers_at_exit() -> None:
+    """In the process that starts such workers. A loader kept alive by an exception's traceback still
+    has its workers at exit, and multiprocessing's exit handler would TERM them (now ignored) and
+    join them forever: SIGKILL them first (atexit runs the later registration first)."""
+    atexit.register(lambda: [p.kill() for p in multiprocessing.active_children() if p.daemon])

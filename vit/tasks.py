@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from vit.checkpoint import CheckpointError, load_pretrained
+from vit.checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
 from vit.data.ade20k import IGNORE_INDEX
-from vit.data.loader import SeededSamples, collate_samples
+from vit.data.loader import SeededSamples, collate_samples, init_worker
 from vit.data.sources import build_source
 from vit.distributed import World, all_reduce_max, all_reduce_sum, broadcast_object
 from vit.model import VARIANTS, build_model, train_flops_per_image
+from vit.stop import kill_workers_at_exit
 
 
 class EvalSplit:
@@ -49,7 +50,10 @@ class EvalSplit:
         indices = list(range(world.rank, len(self.source), world.world_size))
         keep = [True] * len(indices) + [False] * (per_rank - len(indices))
         indices += [0] * (per_rank - len(indices))
+        if self.num_workers:
+            kill_workers_at_exit()
         loader = torch.utils.data.DataLoader(SeededSamples(self.source, seed=0), num_workers=self.num_workers,
+                                             worker_init_fn=init_worker if self.num_workers else None,
                                              batch_sampler=[[(0, i) for i in indices[j:j + batch]]
                                                             for j in range(0, per_rank, batch)],
                                              collate_fn=collate_eval, pin_memory=world.device.type == "cuda",
@@ -160,16 +164,20 @@ class DenseTask(Task):
         trunk.set_grad_checkpointing(self.cfg.model.grad_checkpointing)
         return trunk
 
-    def load_pretrained(self, model: nn.Module) -> None:
-        """Overwrite the (sharded) model's trunk with `pretrained`. Rank 0 alone reads and adapts the
-        weights; the other ranks receive just their shards from it. The loop calls this only when no
-        checkpoint of the run could be loaded: a resumed run's own weights supersede these."""
+    def load_pretrained(self, model: nn.Module) -> str:
+        """Overwrite the (sharded) model's trunk with `pretrained`; returns the file or step-N checkpoint
+        it came from. Rank 0 alone reads and adapts the weights; the other ranks receive just their
+        shards from it. The loop calls this only when no checkpoint of the run could be loaded: a
+        resumed run's own weights supersede these."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        trunk, state, error = self.trunk_of(model), {}, None
+        trunk, state, error, source = self.trunk_of(model), {}, None, str(self.cfg.pretrained)
         if not dist.is_initialized() or dist.get_rank() == 0:
             try:
-                state = trunk.adapt_pretrained(load_pretrained(self.cfg.pretrained))
+                # A pretraining run dir means its newest checkpoint *now*: named, so that the journal
+                # says which weights this run started from while that run goes on saving.
+                source = source if Path(source).is_file() else str(resolve_checkpoint(source))
+                state = trunk.adapt_pretrained(load_pretrained(source))
             except ValueError as e:
                 error = (f"pretrained: {self.cfg.pretrained} does not fit {self.cfg.model.name} ({e}); "
                          "use a checkpoint of the same model")
@@ -177,11 +185,12 @@ class DenseTask(Task):
                 error = str(e)
             except Exception as e:  # noqa: BLE001 (a damaged directory fails in DCP in any way; never hang the peers)
                 error = f"pretrained: {self.cfg.pretrained} could not be read ({type(e).__name__}: {e})"
-        error = broadcast_object(error)  # every rank fails alike instead of waiting for rank 0's tensors
+        error, source = broadcast_object((error, source))  # every rank fails alike, not waiting for rank 0's tensors
         if error:
             raise CheckpointError(error)
         set_model_state_dict(trunk, state, options=StateDictOptions(full_state_dict=True,
                                                                    broadcast_from_rank0=dist.is_initialized()))
+        return source
 
     def trunk_of(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.trunk_prefix.rstrip("."))

@@ -154,10 +154,10 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
         model = optimizer = None
         model, optimizer = build_model_and_optimizer()
     if not resumed and cfg.get("pretrained"):  # fine-tuning starts from pretrained weights, a resumed run from its own
-        task.load_pretrained(model)
-        journal.write("pretrained", step, path=str(cfg.pretrained))
+        loaded = task.load_pretrained(model)
+        journal.write("pretrained", step, path=str(cfg.pretrained), loaded=loaded)
         if main:
-            print(f"fresh start from pretrained weights {cfg.pretrained}", flush=True)
+            print(f"fresh start from pretrained weights {loaded}", flush=True)
     if resumed:
         step, position, bad_samples = resumed["step"], DataPosition(**resumed["data"]), resumed["bad_samples"]
         in_a_row = resumed.get("skipped_in_a_row", 0)

@@ -7,8 +7,12 @@
   bound for the sbatch script or two points sharing a run directory stops the whole submission.
 * Each point gets a run directory fixed at submission time, so every requeue finds it again.
 * A job whose task raised is reported as failed to Slurm and submitit (the stock one swallows it).
+* Submitted from inside a job (a batch script, an salloc shell, a training rank), it leaves that
+  job's own environment out of the new one.
 """
 
+import contextlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +101,8 @@ class VitSlurmLauncher(SlurmLauncher):
             params["additional_parameters"] = {k: v for k, v in (params.get("additional_parameters") or {}).items()
                                                if v not in (None, False)}
             executor.update_parameters(**{k if k in _BASE_KEYS else f"slurm_{k}": v for k, v in params.items()})
-            job = executor.submit(self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+            with _outside_the_current_job():
+                job = executor.submit(self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
             jobs.append((job, overrides, cfg))
             Journal(cfg.run_dir).write("submit", job_id=job.job_id, restart=None, nodes=None,
                                        num_nodes=cfg.cluster.nodes, procs_per_node=cfg.cluster.procs_per_node,
@@ -108,6 +113,23 @@ class VitSlurmLauncher(SlurmLauncher):
         # The sweeper reads every return value; here the "result" of a job is its queued submission.
         return [JobReturn(overrides=o, cfg=c, status=JobStatus.COMPLETED,
                           _return_value={"job_id": j.job_id, "state": "queued"}) for j, o, c in jobs]
+
+
+# What a job or torchrun sets for its own processes. sbatch would export it into the new job: an old
+# SLURM_MEM_PER_CPU clashes with --mem, RANK makes the new job's tasks train without their node
+# agent, and SLURM_RESTART_COUNT mislabels its restarts. SLURM_CONF names the cluster: it stays.
+_JOB_ENV_PREFIXES = ("SLURM_", "SUBMITIT_", "TORCHELASTIC_")
+_JOB_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
+
+
+@contextlib.contextmanager
+def _outside_the_current_job():
+    saved = {k: os.environ.pop(k) for k in list(os.environ)
+             if (k.startswith(_JOB_ENV_PREFIXES) and k != "SLURM_CONF") or k in _JOB_ENV}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 _BASE_KEYS = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vit.stop import ignore_stop_signals, kill_workers_at_exit
+
 
 class Source(Protocol):
     """A map-style image source. `load` must draw all its randomness from `rng`; its target is a class
@@ -130,7 +132,9 @@ def _stack_or_list(items):
     return list(items)
 
 
-def _seed_worker(worker_id: int) -> None:
+def init_worker(worker_id: int) -> None:
+    """Every loader's worker_init_fn (with `kill_workers_at_exit` in the parent)."""
+    ignore_stop_signals()
     # Transforms draw from the per-sample RNG; this only pins any library that uses global RNG.
     info = torch.utils.data.get_worker_info()
     random.seed(info.seed)
@@ -142,8 +146,10 @@ def build_loader(source: Source, *, global_batch: int, micro_batch: int, rank: i
                  prefetch_factor: int = 2) -> DataLoader:
     batches = RankBatches(len(source), global_batch, micro_batch, rank, world_size, seed, start)
     generator = torch.Generator().manual_seed(seed * 1000003 + rank)
+    if num_workers:
+        kill_workers_at_exit()
     return DataLoader(
         SeededSamples(source, seed), batch_sampler=batches, num_workers=num_workers, collate_fn=collate_samples,
-        pin_memory=pin_memory, worker_init_fn=_seed_worker if num_workers else None, generator=generator,
+        pin_memory=pin_memory, worker_init_fn=init_worker if num_workers else None, generator=generator,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False,
     )
