@@ -132,8 +132,16 @@ def _stack_or_list(items):
     return list(items)
 
 
-def init_worker(worker_id: int) -> None:
-    """Every loader's worker_init_fn (with `kill_workers_at_exit` in the parent)."""
+def worker_init(num_workers: int):
+    """The worker_init_fn of every loader of a training process (None without workers): workers leave
+    the stop signals to the rank, and this process kills them at exit (they ignore TERM)."""
+    if not num_workers:
+        return None
+    kill_workers_at_exit()
+    return _init_worker
+
+
+def _init_worker(worker_id: int) -> None:
     ignore_stop_signals()
     # Transforms draw from the per-sample RNG; this only pins any library that uses global RNG.
     info = torch.utils.data.get_worker_info()
@@ -146,10 +154,8 @@ def build_loader(source: Source, *, global_batch: int, micro_batch: int, rank: i
                  prefetch_factor: int = 2) -> DataLoader:
     batches = RankBatches(len(source), global_batch, micro_batch, rank, world_size, seed, start)
     generator = torch.Generator().manual_seed(seed * 1000003 + rank)
-    if num_workers:
-        kill_workers_at_exit()
     return DataLoader(
         SeededSamples(source, seed), batch_sampler=batches, num_workers=num_workers, collate_fn=collate_samples,
-        pin_memory=pin_memory, worker_init_fn=init_worker if num_workers else None, generator=generator,
+        pin_memory=pin_memory, worker_init_fn=worker_init(num_workers), generator=generator,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False,
     )
