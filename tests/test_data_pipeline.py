@@ -437,11 +437,11 @@ from vit.data.loader import DataPosition, build_loader
 from vit.data.synthetic import SyntheticImages
 from vit.stop import StopRequest
 
+stop = StopRequest().install()  # before the loader, as in the training loop
 batches = iter(build_loader(SyntheticImages(64, 4, 16, 0), global_batch=4, micro_batch=4, rank=0, world_size=1,
                             seed=0, start=DataPosition(), num_workers=2))
-stop = StopRequest().install()  # after the workers started, as in the training loop
-next(batches)
-for pid in [os.getpid(), *(w.pid for w in batches._workers)]:  # Slurm's TERM reaches every process
+# Slurm's TERM reaches every process, here before the workers have had time to run their init.
+for pid in [os.getpid(), *(w.pid for w in batches._workers)]:
     os.kill(pid, signal.SIGTERM)
 for _ in range(5):
     next(batches)
@@ -453,7 +453,8 @@ print("stop:", stop.kind, flush=True)
 def test_a_stop_signal_to_every_process_leaves_the_loader_workers_running():
     """scancel and a preemption TERM every process of the step. A worker killed by it crashed the rank
     ("DataLoader worker exited unexpectedly") before it could save, so a preempted run lost its steps
-    since the last checkpoint and a cancelled one was requeued as a failure."""
+    since the last checkpoint and a cancelled one was requeued as a failure. A worker is open to it
+    from its birth, before its init can ignore the signal."""
     proc = subprocess.run([sys.executable, "-c", STOP_WITH_WORKERS], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "stop: term" in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -7,6 +7,7 @@ torchrun's own shutdown; INT is Ctrl-C (a second Ctrl-C aborts at once).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import multiprocessing
 import signal
@@ -52,6 +53,20 @@ def ignore_stop_signals() -> None:
     whole process group; a worker that died of one would crash the rank before it could save."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # Born with them blocked (stop_signals_blocked); one that came meanwhile is discarded now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Processes started inside are born with the stop signals blocked (a fork copies the mask and
+    exec keeps it): a TERM between a worker's birth and its init cannot kill it. This process gets
+    any that came meanwhile when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @functools.cache

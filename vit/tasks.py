@@ -24,7 +24,7 @@ from torch import nn
 
 from vit.checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
 from vit.data.ade20k import IGNORE_INDEX
-from vit.data.loader import SeededSamples, collate_samples, worker_init
+from vit.data.loader import SeededSamples, WorkerSafeLoader, collate_samples
 from vit.data.sources import build_source
 from vit.distributed import World, all_reduce_max, all_reduce_sum, broadcast_object
 from vit.model import VARIANTS, build_model, train_flops_per_image
@@ -49,14 +49,13 @@ class EvalSplit:
         indices = list(range(world.rank, len(self.source), world.world_size))
         keep = [True] * len(indices) + [False] * (per_rank - len(indices))
         indices += [0] * (per_rank - len(indices))
-        loader = torch.utils.data.DataLoader(SeededSamples(self.source, seed=0), num_workers=self.num_workers,
-                                             worker_init_fn=worker_init(self.num_workers),
-                                             batch_sampler=[[(0, i) for i in indices[j:j + batch]]
-                                                            for j in range(0, per_rank, batch)],
-                                             collate_fn=collate_eval, pin_memory=world.device.type == "cuda",
-                                             # its own seed source: the global RNG (drop path) must not
-                                             # move, or a resume after an evaluation is not exact
-                                             generator=torch.Generator())
+        loader = WorkerSafeLoader(SeededSamples(self.source, seed=0), num_workers=self.num_workers,
+                                  batch_sampler=[[(0, i) for i in indices[j:j + batch]]
+                                                 for j in range(0, per_rank, batch)],
+                                  collate_fn=collate_eval, pin_memory=world.device.type == "cuda",
+                                  # its own seed source: the global RNG (drop path) must not
+                                  # move, or a resume after an evaluation is not exact
+                                  generator=torch.Generator())
         for j, (images, targets, failures) in enumerate(loader):
             batch_keep = keep[j * batch: j * batch + len(failures)]
             for k, failure in zip(batch_keep, failures):

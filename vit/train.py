@@ -197,10 +197,10 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
               f"global batch {global_batch} = {micro_batch} x {world.world_size} ranks x {accum} accumulation",
               flush=True)
 
+    stop = StopRequest().install()  # before the loader: a TERM while its workers start is a stop request
     batches = iter(build_loader(source, global_batch=global_batch, micro_batch=micro_batch, rank=world.rank,
                                 world_size=world.world_size, seed=cfg.seed, start=position,
                                 num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"))
-    stop = StopRequest().install()
     logger = MetricsLogger(str(run_dir), main, steps, step, flops_per_image, world.world_size, device,
                            progress=cfg.train.progress)
     if owed_eval:

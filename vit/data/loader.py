@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vit.stop import ignore_stop_signals, kill_workers_at_exit
+from vit.stop import ignore_stop_signals, kill_workers_at_exit, stop_signals_blocked
 
 
 class Source(Protocol):
@@ -132,13 +132,19 @@ def _stack_or_list(items):
     return list(items)
 
 
-def worker_init(num_workers: int):
-    """The worker_init_fn of every loader of a training process (None without workers): workers leave
-    the stop signals to the rank, and this process kills them at exit (they ignore TERM)."""
-    if not num_workers:
-        return None
-    kill_workers_at_exit()
-    return _init_worker
+class WorkerSafeLoader(DataLoader):
+    """The DataLoader of a training process: its workers leave the stop signals to the rank from
+    birth, and this process kills them at exit (they ignore TERM)."""
+
+    def __init__(self, dataset, *, num_workers: int = 0, **kwargs):
+        if num_workers:
+            kill_workers_at_exit()
+        super().__init__(dataset, num_workers=num_workers, worker_init_fn=_init_worker if num_workers else None,
+                         **kwargs)
+
+    def __iter__(self):
+        with stop_signals_blocked():  # the workers start here
+            return super().__iter__()
 
 
 def _init_worker(worker_id: int) -> None:
@@ -154,8 +160,8 @@ def build_loader(source: Source, *, global_batch: int, micro_batch: int, rank: i
                  prefetch_factor: int = 2) -> DataLoader:
     batches = RankBatches(len(source), global_batch, micro_batch, rank, world_size, seed, start)
     generator = torch.Generator().manual_seed(seed * 1000003 + rank)
-    return DataLoader(
+    return WorkerSafeLoader(
         SeededSamples(source, seed), batch_sampler=batches, num_workers=num_workers, collate_fn=collate_samples,
-        pin_memory=pin_memory, worker_init_fn=worker_init(num_workers), generator=generator,
+        pin_memory=pin_memory, generator=generator,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False,
     )
