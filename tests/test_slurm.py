@@ -23,8 +23,8 @@ TINY_SLURM = ["cluster=minicluster", "experiment=smoke", "data.img_size=32", "da
               "train.log_every=1", "train.progress=false", "checkpoint.every_steps=10"]
 
 
-def submit(env, run_dir: Path, *overrides: str) -> int:
-    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *TINY_SLURM, f"run_dir={run_dir}", *overrides],
+def submit(env, run_dir: Path, *overrides: str, base: list[str] = TINY_SLURM) -> int:
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *base, f"run_dir={run_dir}", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     match = re.search(r"submitted job (\d+)", proc.stdout)
@@ -78,9 +78,18 @@ def test_two_node_job_trains_to_the_end_like_a_local_run(reference, tmp_path):
 
 
 def test_usr2_checkpoints_requeues_and_resumes_bitwise(slurm_env, reference, tmp_path):
+    """The run's experiment comes from a config dir of its own, edited while the job runs: the
+    requeued job must run the config composed at submission, not the edited one."""
+    experiments = tmp_path / "conf" / "experiment"
+    experiments.mkdir(parents=True)
+    smoke = (ROOT / "conf" / "experiment" / "smoke.yaml").read_text()
+    (experiments / "frozen.yaml").write_text(smoke)
     run_dir = tmp_path / "signal"
-    job = submit(slurm_env, run_dir, "train.steps=60")
+    job = submit(slurm_env, run_dir, "train.steps=60", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                 base=[o if o != "experiment=smoke" else "experiment=frozen" for o in TINY_SLURM])
     wait_for_step(run_dir, 15, slurm_env, job, log_files=logs(run_dir))
+    assert "lr: 1.0e-3" in smoke
+    (experiments / "frozen.yaml").write_text(smoke.replace("lr: 1.0e-3", "lr: 5.0e-3"))
     subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
     state = finish(slurm_env, job, run_dir)
     assert state["Restarts"] == "1", state
@@ -93,6 +102,7 @@ def test_usr2_checkpoints_requeues_and_resumes_bitwise(slurm_env, reference, tmp
     assert re.search(r"workers exited 0 [\d.]+s after the stop signal", text)
     assert requeue_causes(run_dir) == ["preemption"]  # a signal far from the time limit
     assert losses(run_dir) == losses(reference[0])  # bitwise, every step
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 1e-3  # written by the resume
     status = summarize(run_dir, slurm=False)  # the journal tells the same story
     assert status["restarts"] == 1 and status["restart_causes"] == {"preemption": 1}, status
     assert status["step"] == status["total_steps"] == 60 and 0 < status["goodput"] < 1, status
@@ -256,7 +266,8 @@ def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_pa
                     "SUBMITIT_EXECUTOR": "slurm", "RANK": "3", "WORLD_SIZE": "9", "MASTER_ADDR": "10.255.255.1",
                     "MASTER_PORT": "1"}
     proc = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *TINY_SLURM, f"run_dir={tmp_path}",
-                           "train.steps=3", "optim.warmup_steps=1", "optim.lr=1e-3,2e-3"],
+                           "train.steps=3", "optim.warmup_steps=1", "optim.lr=1e-3,2e-3",
+                           "+hydra.launcher.additional_parameters.nice=0"],  # 0 is a value, not "leave it out"
                           cwd=ROOT, env=inside_a_job, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     jobs = [int(j) for j in re.findall(r"submitted job (\d+)", proc.stdout)]
@@ -268,6 +279,7 @@ def test_a_sweep_submits_one_job_per_point_and_returns_at_once(slurm_env, tmp_pa
         assert f"run dir : {run_dir}" in proc.stdout
         finish(slurm_env, job, run_dir)
         assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+        assert "#SBATCH --nice=0" in (run_dir / "slurm" / f"{job}_submission.sh").read_text()
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == float(lr)
         starts = [e for e in read_journal(run_dir) if e["event"] == "job_start"]
         assert [(e["job_id"], e["restart"]) for e in starts] == [(str(job), 0)], starts
@@ -283,6 +295,14 @@ def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path, usr2_first, limi
     run_dir = tmp_path / "cancel"
     job = submit(slurm_env, run_dir, "train.steps=300", *limit)
     wait_for_step(run_dir, 5, slurm_env, job, log_files=logs(run_dir))
+    if not usr2_first:  # the same command again while the job trains: rejected, nothing queued
+        again = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *TINY_SLURM, f"run_dir={run_dir}",
+                                "train.steps=300"], cwd=ROOT, env=slurm_env, capture_output=True, text=True,
+                               timeout=180)
+        assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+            f"error: run_dir: {run_dir} is in use by job {job} (RUNNING); wait for it to end or scancel {job} "
+            "(a run resubmitted later resumes from its checkpoints), or choose another run_dir"], again.stderr
+        assert "submitted job" not in again.stdout
     if usr2_first:
         subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
         time.sleep(0.2)

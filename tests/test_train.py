@@ -10,6 +10,7 @@ from datasets import CLASSES, make_imagefolder
 from helpers import ROOT, losses, run_job
 
 from vit.config import ConfigError, accumulation_steps
+from vit.journal import read_journal
 from vit.model import build_model
 from vit.optim import param_groups, warmup_cosine
 
@@ -167,6 +168,21 @@ def test_bad_input_fails_early_in_one_line(tmp_path, override, key):
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_user_error_on_one_rank_only_is_the_runs_status(tmp_path):
+    """A dataset mount missing on one node: that rank's error is the run's status (the others die of
+    its absence), so a Slurm job stops instead of being requeued as a crash up to the crash-loop limit."""
+    make_imagefolder(tmp_path / "data0")
+    proc = run_job(tmp_path / "run", "data=imagenet21k", f"data.root={tmp_path}/data${{oc.env:LOCAL_RANK}}",
+                   "data.val_fraction=0", "data.num_workers=0", f"data.num_classes={len(CLASSES)}",
+                   "data.num_samples=12", "train.global_batch=4", "train.micro_batch=2", "train.steps=2",
+                   "optim.warmup_steps=1", nproc=2, check=False)
+    assert proc.returncode != 0
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status.get("user_error") is True, status
+    assert status["error"].startswith("data.root:") and "(rank 1 on " in status["error"], status
+    assert not any(e["event"] == "crash" for e in read_journal(tmp_path / "run"))
 
 
 HOST_MEMORY_PROBE = """

@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -24,6 +25,7 @@ from vit.distributed import close
 from vit.journal import Journal
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+STARTED = time.time()
 
 # Hydra's plugin scan cannot see our `hydra_plugins` namespace package through the import hook of an
 # editable install; importing the launcher registers its config, this registers the class.
@@ -48,6 +50,15 @@ def write_status(run_dir: str | os.PathLike, **status) -> None:
         print(f"warning: could not write {path}: {e}", file=sys.stderr, flush=True)
 
 
+def user_error_reported(run_dir: str | os.PathLike) -> bool:
+    """Whether a rank of this run reported a user error since this process started."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(status.get("user_error")) and status.get("time", 0) >= STARTED
+
+
 def run_training(cfg: DictConfig) -> dict:
     """Train in this process (a rank of torchrun, or a single process) and record how it ended."""
     from vit.train import train
@@ -58,11 +69,12 @@ def run_training(cfg: DictConfig) -> dict:
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         summary = train(cfg, progress)
     except USER_ERRORS as e:
-        if rank == 0:
-            write_status(cfg.run_dir, state="failed", error=str(e), user_error=True)
+        # Every rank reports it: one on a node whose dataset mount is missing must stop the requeues too.
+        where = f" (rank {rank} on {socket.gethostname()})" if rank else ""
+        write_status(cfg.run_dir, state="failed", error=f"{e}{where}", user_error=True)
         fail(e)
     except BaseException as e:
-        if rank == 0:
+        if rank == 0 and not user_error_reported(cfg.run_dir):  # else that error is what this rank died of
             last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
             where = f"{last.filename}:{last.lineno}" if last else "?"
             error = f"{type(e).__name__}: {e}"[:500]

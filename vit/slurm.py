@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from vit.journal import Journal
+from vit.journal import Journal, read_journal
 
 
 REQUEUE_LOG = "requeues.jsonl"
@@ -85,6 +85,26 @@ def descendants(pid: int) -> list[int]:
 
 
 # --- requeue policy -----------------------------------------------------------------------------
+
+# squeue also lists a job for a few minutes after it ended (MinJobAge); any other state may still train.
+ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+         "OUT_OF_MEMORY"}
+
+
+def jobs_of_run(run_dir: str | os.PathLike) -> dict[str, str]:
+    """The Slurm jobs submitted for or started in this run directory that have not ended: ID -> state.
+    Empty when squeue does not answer (the check it serves must not block a submission)."""
+    ids = {e["job_id"] for e in read_journal(run_dir) if e["event"] in ("submit", "job_start") and e.get("job_id")}
+    if not ids:
+        return {}
+    try:  # unknown IDs (long gone) are left out; all unknown is an error, with nothing on stdout
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(sorted(ids)), "-o", "%i %T"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    jobs = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+    return {job: state for job, state in jobs.items() if state not in ENDED}
+
 
 def time_left_s(job_id: str) -> float | None:
     """Seconds to the job's time limit: squeue's answer, else the end time Slurm put in the job's

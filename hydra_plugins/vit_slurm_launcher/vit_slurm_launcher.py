@@ -4,26 +4,30 @@
   each job's ID, run directory, logs and follow-up commands. `hydra.launcher.wait=true` waits.
 * Every sweep point is validated on the login node before anything is submitted: a bad config, an
   impossible batch split or allocation, a missing dataset, an unsafe job name, a control character
-  bound for the sbatch script or two points sharing a run directory stops the whole submission.
+  bound for the sbatch script, two points sharing a run directory or a run directory that a job still
+  in the queue trains in stops the whole submission.
 * Each point gets a run directory fixed at submission time, so every requeue finds it again.
+* Each point's config is composed once, at submission: every start and requeue of its job runs that
+  config (the stock one composes it again from conf/ at each start).
 * A job whose task raised is reported as failed to Slurm and submitit (the stock one swallows it).
 * Submitted from inside a job (a batch script, an salloc shell, a training rank), it leaves that
   job's own environment out of the new one.
 """
 
 import contextlib
+import copy
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 @dataclass
@@ -37,8 +41,20 @@ ConfigStore.instance().store(group="hydra/launcher", name="vit_slurm", node=VitS
 
 
 class VitSlurmLauncher(SlurmLauncher):
-    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        result = super().__call__(*args, **kwargs)
+    def __call__(self, overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: dict, cfg: DictConfig) -> JobReturn:
+        """A task of a submitted job, at each of its starts: run the config composed at submission, so
+        that an edit of conf/ while a 3-week run is queued or requeued does not change that run."""
+        import submitit
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.id = submitit.JobEnvironment().job_id
+            cfg.hydra.job.num = job_num
+        result = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
+                         job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
         if result.status == JobStatus.FAILED:
             raise result._return_value  # the exception: the Slurm job must end FAILED, not COMPLETED
         return result
@@ -61,7 +77,7 @@ class VitSlurmLauncher(SlurmLauncher):
         from vit.config import ConfigError, validate, validate_submission
         from vit.journal import Journal
         from vit.launch import USER_ERRORS, fail
-        from vit.slurm import submitit_python
+        from vit.slurm import jobs_of_run, submitit_python
 
         values: dict[str, set[str]] = {}
         for overrides in job_overrides:
@@ -84,6 +100,13 @@ class VitSlurmLauncher(SlurmLauncher):
                     raise ConfigError("run_dir", f"{cfg.run_dir} is shared by several sweep points",
                                       "give each point its own run_dir (sweep values that differ after "
                                       "replacing characters other than letters, digits, '.', '_' and '-')")
+                # Two jobs on one run directory would train over each other's checkpoints (e.g. the
+                # same command again while its requeued job waits in the queue).
+                if live := jobs_of_run(cfg.run_dir):
+                    job_id, state = min(live.items())
+                    raise ConfigError("run_dir", f"{cfg.run_dir} is in use by job {job_id} ({state})",
+                                      f"wait for it to end or scancel {job_id} (a run resubmitted later "
+                                      "resumes from its checkpoints), or choose another run_dir")
             except USER_ERRORS as e:
                 fail(e)  # before anything is queued
 
@@ -97,12 +120,13 @@ class VitSlurmLauncher(SlurmLauncher):
                                              slurm_max_num_timeout=params.pop("max_num_timeout"))
             params.pop("submitit_folder", None)
             params.pop("array_parallelism", None)
-            # sbatch has no "--flag=False": a false or null extra flag means "leave it out"
+            # sbatch has no "--flag=False": a false or null extra flag means "leave it out" (0 is a value)
             params["additional_parameters"] = {k: v for k, v in (params.get("additional_parameters") or {}).items()
-                                               if v not in (None, False)}
+                                               if v is not None and v is not False}
             executor.update_parameters(**{k if k in _BASE_KEYS else f"slurm_{k}": v for k, v in params.items()})
             with _outside_the_current_job():
-                job = executor.submit(self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+                job = executor.submit(self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}",
+                                      Singleton.get_state(), cfg)
             jobs.append((job, overrides, cfg))
             Journal(cfg.run_dir).write("submit", job_id=job.job_id, restart=None, nodes=None,
                                        num_nodes=cfg.cluster.nodes, procs_per_node=cfg.cluster.procs_per_node,
