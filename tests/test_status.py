@@ -5,6 +5,7 @@ environment, and every expected number below is worked out by hand from the even
 """
 import json
 import math
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -14,7 +15,7 @@ import pytest
 from helpers import ROOT, run_job
 
 import vit.journal
-from vit.journal import Journal
+from vit.journal import Journal, read_journal
 from vit.status import CATEGORIES, RESTART_STYLES, plot, summarize
 
 T0 = 1_700_000_000.0
@@ -166,6 +167,59 @@ def test_local_crash_loses_the_tail_up_to_the_crash(journal):
     check_breakdown(s, 245 + 211, training=300, lost=130, startup=15, checkpoint=10, other=1)
 
 
+def test_an_evaluation_between_logs_books_only_its_own_time(journal):
+    """No Slurm, 1 GPU, 10 s/step, a log every 10 steps and a 20 s evaluation after step 15."""
+    one = {**TRAIN, "world_size": 1, "total_steps": 30}
+    journal(10, None, None, "train_start", 0, startup_s=10.0, **one)  # the process started at 0
+    journal(110, None, None, "metrics", 10, **metrics(10))
+    journal(180, None, None, "evaluation", 15, eval_s=20.0, val_top1=0.5, val_top5=0.9)  # steps 11-15 before it
+    journal(230, None, None, "metrics", 20, **metrics(20))  # 120 s - 20 s evaluation = 100 s for 10 steps
+    journal(330, None, None, "metrics", 30, **metrics(30))
+    journal(330, None, None, "checkpoint_begin", 30, path="step-30", async_save=False)
+    journal(340, None, None, "checkpoint_commit", 30, path="step-30", seconds=10.0, bytes=1000)
+    journal(341, None, None, "exit", 30, state="completed", total_steps=30, stop=None, elapsed_s=331.0)
+    s = summarize(journal.run_dir, slurm=False)
+    check_breakdown(s, 341, training=300, startup=10, checkpoint=10, evaluation=20, other=1)
+
+
+def test_the_final_evaluation_during_an_async_save_is_booked_once(journal):
+    """1 GPU, 10 s/step. The last save is async: staged in 5 s, it runs on during the 20 s final evaluation
+    and is waited for 10 s more before the exit."""
+    one = {**TRAIN, "world_size": 1, "total_steps": 20}
+    journal(0, 300, 0, "job_start", procs_per_node=1, num_nodes=1)
+    journal(10, 300, 0, "train_start", 0, startup_s=8.0, **one)
+    journal(110, 300, 0, "metrics", 10, **metrics(10))
+    journal(210, 300, 0, "metrics", 20, **metrics(20))
+    journal(210, 300, 0, "checkpoint_begin", 20, path="step-20", async_save=True)
+    journal(235, 300, 0, "evaluation", 20, eval_s=20.0, val_top1=0.5, val_top5=0.9)
+    journal(245, 300, 0, "checkpoint_commit", 20, path="step-20", seconds=35.0, bytes=1000)
+    journal(246, 300, 0, "exit", 20, state="completed", total_steps=20, stop=None, elapsed_s=236.0)
+    journal(250, 300, 0, "agent_exit", 20, state="completed", reason="training completed")
+    s = summarize(journal.run_dir, slurm=False)
+    # 0 -> 250 s: startup 10, steps 200, save 5 before and 10 after the evaluation, evaluation 20, other 5.
+    check_breakdown(s, 250, training=200, startup=10, checkpoint=15, evaluation=20, other=5)
+
+
+def test_a_rerun_of_a_completed_run_is_no_restart(journal):
+    """Job 100 completed; job 101, the same command again, resumes at the end and exits at once."""
+    write_time_limit_run(journal)
+    journal(900, None, None, "submit", job_id="101", restart=None, nodes=None, num_nodes=2, procs_per_node=4,
+            time_limit_min=60)
+    journal(960, 101, 0, "job_start", procs_per_node=4, num_nodes=2)
+    journal(990, 101, 0, "resume", 40, checkpoint="step-40", saved_world_size=8, world_size=8)
+    journal(991, 101, 0, "exit", 40, state="completed", total_steps=40)
+    journal(995, 101, 0, "agent_exit", 40, state="completed", reason="training completed")
+    s = summarize(journal.run_dir, slurm=False)
+    assert s["run_state"] == "completed" and s["job_id"] == "101"
+    assert s["restarts"] == 1 and s["restart_causes"] == {"time_limit": 1}
+    assert [a["ending"] for a in s["allocations"]] == ["stopped", "completed", "completed"]
+    # As in test_time_limit_requeue_and_resume, plus the rerun's 35 s of start-up and 60 s in the queue.
+    gpus = 8
+    check_breakdown(s, (380 + 240 + 35) * gpus, training=400 * gpus, startup=(140 + 35) * gpus,
+                    checkpoint=60 * gpus, evaluation=3 * gpus, other=17 * gpus)
+    assert s["queue_wait_s"] == pytest.approx(220 + 60)
+
+
 def test_an_event_after_a_torn_line_starts_a_line_of_its_own(journal):
     """A kill mid-write leaves a line without its newline; the next event must not be glued onto it."""
     journal(0, 100, 0, "job_start")
@@ -222,6 +276,17 @@ def test_status_of_a_real_local_run(real_run):
     assert 0 < s["goodput"] <= 1 and sum(s["breakdown"].values()) == pytest.approx(1.0)
     assert s["breakdown"]["lost"] == 0 and s["breakdown"]["startup"] > 0
     assert s["job_state"] is None and s["queue_wait_s"] == 0 and s["images_per_s"] > 0 and s["eta_s"] == 0
+    evals = [e for e in read_journal(real_run) if e["event"] == "evaluation"]
+    assert evals and all(e["eval_s"] > 0 for e in evals)
+
+
+def test_rerunning_a_completed_local_run_ends_cleanly(real_run, tmp_path):
+    again = tmp_path / "run"
+    shutil.copytree(real_run, again)
+    assert "already complete" in run_job(again, "train.steps=8").stdout
+    s = summarize(again)
+    assert (s["run_state"], s["restarts"], s["restart_causes"]) == ("completed", 0, {})
+    assert [a["ending"] for a in s["allocations"]] == ["completed", "completed"]
 
 
 def test_status_cli_json_plot_and_tensorboard(real_run, tmp_path):

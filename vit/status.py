@@ -25,15 +25,18 @@ Goodput
     startup (allocation start -> train_start, plus the first window's excess; includes the resume),
     checkpoint (checkpoint_begin -> checkpoint_commit of synchronous saves, and a save cut off by the
     end of the allocation; async saves overlap training and count as training, except the wait for
-    one after the allocation's last step, at a stop or the end), lost, evaluation
-    (the preceding event -> the `evaluation` event), and other (shutdown, requeue decision, gaps).
+    one after the allocation's last step, at a stop or the end), lost, evaluation (the `eval_s` before
+    the `evaluation` event; journals without it: the preceding event -> the `evaluation` event), and
+    other (shutdown, requeue decision, gaps). Time is booked once: a save that runs on during an
+    evaluation stalls nothing then.
 Queue wait (not part of goodput)
     submit -> next job_start, requeue -> next job_start, and the last event of a hard-killed Slurm
     allocation -> the next job_start. A wait still going on is `waiting_s`.
 Restarts
     One per `requeue` event (its cause: time_limit, preemption, failure, step_limit), plus one per
     later start not preceded by one: after a crash "failure", after a clean stop "step_limit" or
-    "stopped", otherwise "hard_kill". Crashes are counted separately from `crash` events.
+    "stopped", otherwise "hard_kill"; none after a completed one (a rerun: it interrupted nothing).
+    Crashes are counted separately from `crash` events.
 """
 from __future__ import annotations
 
@@ -109,6 +112,16 @@ def _overlap(a: float, b: float, intervals: list[tuple[float, float]]) -> float:
     return sum((max(0.0, min(b, y) - max(a, x)) for x, y in intervals), 0.0)
 
 
+def _minus(a: float, b: float, intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The parts of [a, b] outside the intervals (sorted, disjoint)."""
+    parts = []
+    for x, y in intervals:
+        if x < b and y > a:
+            parts.append((a, x))
+            a = y
+    return [(x, y) for x, y in parts + [(a, b)] if y > x]
+
+
 def _ending(alloc: list[dict]) -> str:
     """How the allocation's training ended: completed, stopped, crash, or open (running or killed)."""
     if _has(alloc, "crash"):
@@ -142,11 +155,13 @@ def _windows(alloc: list[dict]):
             else:
                 (async_saves if e.get("async_save") else stalls).append((e["unix"], commit["unix"]))
         elif e["event"] == "evaluation" and i:
-            evals.append((alloc[i - 1]["unix"], e["unix"]))
+            # Journals from before eval_s: the preceding event may be a log some steps back.
+            evals.append((e["unix"] - e["eval_s"] if "eval_s" in e else alloc[i - 1]["unix"], e["unix"]))
     # An async save overlaps training, except once the last step is done (the save at a stop or at
     # the end): waiting for it then is a stall like a synchronous save.
     t_last = marks[-1][0] if marks else alloc[0]["unix"]
     stalls += [(max(b, t_last), c) for b, c in async_saves if c > t_last]
+    stalls = [part for a, b in stalls for part in _minus(a, b, evals)]  # the final evaluation overlaps its save
     steps = []  # (from_step, to_step, seconds of step time)
     for (t0, s0), (t1, s1) in zip(marks, marks[1:]):
         steps.append((s0, s1, max(0.0, t1 - t0 - _overlap(t0, t1, stalls) - _overlap(t0, t1, evals))))
@@ -210,7 +225,7 @@ def restart_list(allocs: list[list[dict]]) -> list[tuple[int | None, str]]:
         rq = next((e for e in reversed(alloc) if e["event"] == "requeue"), None)
         if rq:
             out.append((rq.get("step"), rq.get("cause") or "unknown"))
-        elif i + 1 < len(allocs):
+        elif i + 1 < len(allocs) and _ending(alloc) != "completed":  # a rerun of a completed run interrupted nothing
             out.append((next((e["step"] for e in reversed(alloc) if e.get("step") is not None), None),
                         _unlogged_cause(alloc)))
     return out

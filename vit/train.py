@@ -75,6 +75,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
 def evaluate(task, model, val_source, world, run_dir: Path, step: int, journal: Journal,
              logger: MetricsLogger) -> None:
     """Score the whole val split (collective) and record it: eval/step-N.json, metrics, journal."""
+    started = time.time()
     model.eval()
     metrics = task.evaluate(model, val_source, world)
     model.train()
@@ -82,7 +83,7 @@ def evaluate(task, model, val_source, world, run_dir: Path, step: int, journal: 
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         write_evaluation(run_dir, step, metrics)
         logger.write({"step": step, **scalars})
-        journal.write("evaluation", step, **scalars)
+        journal.write("evaluation", step, eval_s=time.time() - started, **scalars)
 
 
 def train(cfg: DictConfig, progress: dict | None = None) -> dict:
@@ -187,6 +188,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
             logger.close()
         elif main:
             print(f"run {run_dir} is already complete ({step}/{steps} steps); nothing to do", flush=True)
+        journal.write("exit", step, state="completed", total_steps=steps)  # or status would see a killed start
         return {"state": "completed", "step": step, "total_steps": steps}
     flops_per_image = task.flops_per_image(num_classes)
     journal.write("train_start", step, total_steps=steps, world_size=world.world_size, device=str(device),
