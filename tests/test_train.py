@@ -282,6 +282,22 @@ def test_throughput_leaves_out_evaluations_and_saves(tmp_path, monkeypatch):
     assert record["images_per_s"] == 32.0
 
 
+def test_a_plain_run_ignores_a_rendezvous_address_left_in_the_shell(tmp_path):
+    """A group of one on this machine: a MASTER_ADDR from another job's environment made it fail
+    (without MASTER_PORT) or wait for a rendezvous that never comes (with one)."""
+    run_job(tmp_path, "train.steps=2", "optim.warmup_steps=1", env={"MASTER_ADDR": "10.255.255.1"}, timeout=120)
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "completed"
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla V100-SXM2-32GB", None)])
+def test_mfu_peak_is_the_parts_own(name, peak):
+    """The PCIe and NVL H100s are slower than the SXM part: their MFU against 989 TFLOP/s read low."""
+    from vit.metrics import peak_flops_of
+    assert peak_flops_of(name) == peak
+
+
 def test_metrics_file_has_one_record_per_logged_step(tmp_path):
     run_job(tmp_path, "train.steps=4", "train.log_every=2")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

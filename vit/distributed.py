@@ -46,7 +46,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> World
     else:
         keep_freed_host_memory()
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # single process without torchrun
+        if "RANK" not in os.environ:  # one process without torchrun: a MASTER_* left in the shell is not ours
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=timeout_minutes),

@@ -9,14 +9,17 @@ from contextlib import contextmanager
 
 import torch
 
-# Dense bf16 peak FLOP/s by device-name fragment (datasheets; torchtitan uses the same figures).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+# Dense bf16 peak FLOP/s by device-name fragment (datasheets), the first that matches: the PCIe and
+# NVL parts of a name are slower than its SXM part ("NVIDIA H100 80GB HBM3").
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H800 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(name: str) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
