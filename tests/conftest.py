@@ -1,3 +1,4 @@
+import getpass
 import os
 import sys
 from pathlib import Path
@@ -20,3 +21,16 @@ def slurm_env():
     if not (os.environ.get("CI") == "true" or Path("/usr/sbin/slurmctld").exists()):
         pytest.skip("Slurm is not installed (CI installs it and never skips)")
     return ensure_cluster()
+
+
+@pytest.fixture(autouse=True)
+def _slurm_left_idle(request):
+    """After a Slurm test, cancel whatever it left (a test that failed part-way leaves its job
+    training) and wait for idle nodes: one failure must not make the next tests fail too."""
+    yield
+    if "slurm_env" in request.fixturenames:
+        from slurm_cluster import slurm, wait_nodes_idle
+
+        env = request.getfixturevalue("slurm_env")
+        slurm(["scancel", "-u", getpass.getuser()], env)
+        wait_nodes_idle(env, timeout=300)

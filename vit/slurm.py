@@ -89,6 +89,7 @@ def descendants(pid: int) -> list[int]:
 # squeue also lists a job for a few minutes after it ended (MinJobAge); any other state may still train.
 ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
          "OUT_OF_MEMORY"}
+WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT", "RESV_DEL_HOLD"}
 
 
 def jobs_of_run(run_dir: str | os.PathLike) -> dict[str, str]:
@@ -262,6 +263,13 @@ class NodeAgent:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})  # one held since start arrives now
         (self.run_dir / "slurm").mkdir(parents=True, exist_ok=True)
         if self.node_id == 0:
+            # Another job training here (e.g. a second sbatch of the same script): leave the run to it,
+            # its status and checkpoints untouched. One still waiting in the queue will find this one.
+            other = {j: s for j, s in jobs_of_run(self.run_dir).items() if j != self.job_id and s not in WAITING}
+            if other:
+                job_id, state = min(other.items())
+                self.log(f"not training: job {job_id} ({state}) trains in {self.run_dir}; this job ends here")
+                return 1
             (self.run_dir / "status.json").unlink(missing_ok=True)  # a stale status must not steer the decision
         cmd = torchrun_command(self.worker, self.procs_per_node)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
