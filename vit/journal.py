@@ -55,13 +55,15 @@ class Journal:
 
 
 def read_journal(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / JOURNAL
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
+    return read_jsonl(Path(run_dir) / JOURNAL)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of an append-only JSON-lines file; a line torn by a kill mid-write is left out."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # the torn last line of a hard kill
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
             continue
-    return events
+    return records

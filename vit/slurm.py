@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from vit.journal import Journal, read_journal
+from vit.journal import Journal, read_journal, read_jsonl
 
 
 REQUEUE_LOG = "requeues.jsonl"
@@ -145,14 +145,7 @@ def classify_stop(kind: str | None, seconds_left: float | None, signal_lead_s: f
 def read_log(run_dir: Path) -> list[dict]:
     """The requeue log's records; a line torn by a kill mid-write is left out rather than making every
     later requeue decision fail."""
-    path = run_dir / "slurm" / REQUEUE_LOG
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+    return read_jsonl(run_dir / "slurm" / REQUEUE_LOG)
 
 
 def latest_checkpoint_step(run_dir: Path) -> int | None:
