@@ -160,6 +160,9 @@ def test_sbatch_user_error_fails_at_job_start_in_one_line_and_is_not_requeued(sl
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert errors and all(e.startswith("error: train.micro_batch: 3 per rank x 2 ranks does not divide") for e in errors), text
     assert "not requeueing: configuration or data error, fix it and resubmit: train.micro_batch" in text, text
+    # torchrun adds one line per node, not a traceback that buries the error
+    assert "Traceback" not in text and len(re.findall(r"torchrun: jobs/finetune.py failed on \S+: rank \d "
+                                                      r"\(local rank 0, pid \d+\), exit code 2\n", text)) == 2, text
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "slurm" / "requeues.jsonl").exists()
 
 

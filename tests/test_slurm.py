@@ -150,21 +150,26 @@ def test_real_time_limit_is_saved_requeued_and_resumed(slurm_env, tmp_path):
     # A 2-minute limit with USR2 30 s before it: Slurm itself signals the job well before the end.
     # slurmctld sends the warning once lead + its 30 s check period covers the time left, so a
     # 1-minute limit could be signalled at start, before any handler exists (not a case that a
-    # multi-hour limit meets).
-    job = submit(slurm_env, run_dir, "train.steps=900", "cluster.time_min=2", "cluster.signal_lead_s=30",
-                 "checkpoint.every_steps=100")  # 900 steps take longer than one 2-minute allocation
+    # multi-hour limit meets). The run is far longer than an allocation on any runner; once the
+    # requeued job has resumed and trains on, it is cancelled.
+    job = submit(slurm_env, run_dir, "train.steps=100000", "cluster.time_min=2", "cluster.signal_lead_s=30",
+                 "checkpoint.every_steps=100")
     deadline = time.monotonic() + 300
     while not requeue_causes(run_dir) and time.monotonic() < deadline:
         time.sleep(1)
     assert requeue_causes(run_dir) == ["time_limit"], dump_logs(slurm_env, logs(run_dir))
-    # Once the mechanism is proven, give the rest of the run room so the test ends soon.
+    stopped = next(e["step"] for e in read_journal(run_dir) if e["event"] == "requeue")
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=slurm_env, check=True, timeout=60)
-    state = finish(slurm_env, job, run_dir)
-    assert int(state["Restarts"]) >= 1, state
-    assert max(losses(run_dir)) == 900
-    assert set(requeue_causes(run_dir)) == {"time_limit"}
+    while int(job_state(job, slurm_env).get("Restarts", 0)) < 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    wait_job(job, slurm_env, states={"RUNNING"}, timeout=300, log_files=logs(run_dir))  # released from the hold
+    wait_for_step(run_dir, stopped + 5, slurm_env, job, log_files=logs(run_dir))
+    subprocess.run(["scancel", str(job)], env=slurm_env, check=True, timeout=60)
+    wait_job(job, slurm_env, timeout=300, release_held=False, log_files=logs(run_dir))
     text = log_text(run_dir)
     assert "received SIGUSR2 (time_limit)" in text and "stop requested (usr2)" in text
+    assert f"resumed from {run_dir}/checkpoints/step-{stopped} (step {stopped}," in text, text[-3000:]
+    assert requeue_causes(run_dir) == ["time_limit"]  # the cancel is no requeue
 
 
 def test_preemption_by_a_higher_priority_partition(slurm_env, tmp_path):
@@ -205,9 +210,10 @@ def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, 
     # SIGKILL the worker on the second node: no handler runs, no checkpoint is written.
     pids = subprocess.run(["pgrep", "-f", f"vit.launch {run_dir}/slurm/config-{job}.yaml"], capture_output=True,
                           text=True).stdout.split()
-    workers = [int(p) for p in pids if _node_of(int(p)) == "1" and not _is_torchrun(int(p))]
+    workers = [int(p) for p in pids if _node_of(int(p)) == "1" and _is_worker(int(p))]
     assert workers, f"no worker found among {pids}"
     os.kill(workers[0], signal.SIGKILL)
+    pid = workers[0]
     # The agent on node 1 waits for node 0's decision instead of ending the step (--kill-on-bad-exit)
     # under it: node 0 requeues the job as a failure.
     state = wait_job(job, slurm_env, states={"PENDING", "FAILED", "COMPLETED", "CANCELLED"}, timeout=300,
@@ -218,6 +224,7 @@ def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, 
     text = log_text(run_dir)
     resumed = re.findall(rf"resumed from {run_dir}/checkpoints/step-(\d+)", text)
     assert len(resumed) == 1 and int(resumed[0]) % 10 == 0 and 20 <= int(resumed[0]) < 60, text[-3000:]
+    assert re.search(rf"torchrun: vit.launch failed on \S+: rank \d \(local rank 0, pid {pid}\), killed by SIGKILL", text), text[-3000:]
     assert losses(run_dir) == losses(reference[0])
 
 
@@ -232,11 +239,13 @@ def _node_of(pid: int) -> str | None:
     return None
 
 
-def _is_torchrun(pid: int) -> bool:
+def _is_worker(pid: int) -> bool:
+    """`python -u -m vit.launch CONFIG`; not torchrun (`-m vit.torchrun ... -m vit.launch CONFIG`)."""
     try:
-        return b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return True
+        return False
+    return b"-m" in args and args[args.index(b"-m") + 1:][:1] == [b"vit.launch"]
 
 
 @pytest.mark.parametrize("overrides, key", [

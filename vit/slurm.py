@@ -12,7 +12,8 @@ plain sbatch scripts as `python -m vit.slurm --run-dir DIR -- SCRIPT [ARGS]`. Th
        unless the run completed, hit its requeue limit, or keeps failing without a new checkpoint.
 
 torchrun runs as a child process rather than in-process (`elastic_launch`), so that it can be
-shielded from USR2 and so that a crash of the workers never takes the agent's decision with it.
+shielded from USR2 and so that a crash of the workers never takes the agent's decision with it. It
+runs as `python -m vit.torchrun`, which reports a failed worker in one line.
 A submitit task starts with USR2 blocked (`submitit_python`) until the agent's handler is in place.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ def rendezvous_port(job_id: str) -> int:
 def torchrun_command(worker: list[str], procs_per_node: int) -> list[str]:
     job_id = os.environ["SLURM_JOB_ID"]
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "vit.torchrun",
         f"--nnodes={os.environ.get('SLURM_JOB_NUM_NODES', '1')}",
         f"--nproc-per-node={procs_per_node}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node_address()}:{rendezvous_port(job_id)}",
