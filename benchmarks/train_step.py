@@ -12,8 +12,9 @@ clocks or in other load on the machine hits both alike.
 
 Rows (`--rows`; CPU default `base`, GPU default all): `base`, `ac` (activation checkpointing),
 `compile` (torch.compile per block), `fsdp-per-block` (FSDP2's defaults, instead of the recipe's
-units of 4 blocks kept gathered: one unit per block, resharded after forward), `sdpa` (one row per
-attention backend), `sweep` (micro-batch
+units of 4 blocks kept gathered: one unit per block, resharded after forward), `no-fsdp` (CPU only:
+our model and step without FSDP2, which isolates FSDP2's own cost; on a GPU its parameters would
+stay fp32, where the loop's run in bf16), `sdpa` (one row per attention backend), `sweep` (micro-batch
 sweep with and without AC; an implementation that runs out of memory stops there). MFU counts
 model FLOPs (`train_flops_per_image`), so AC's recompute is not credited. Peak memory is this
 implementation's own: the other one's parameters and optimizer state are subtracted.
@@ -53,7 +54,8 @@ from vit.train import train_step  # noqa: E402
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPE = OmegaConf.load(CONF / "pretrain.yaml")
 LR, WD = RECIPE.optim.lr, RECIPE.optim.weight_decay
-EXTRA_ROWS = ("ac", "compile", "fsdp-per-block", "sdpa", "sweep")
+EXTRA_ROWS = ("ac", "compile", "fsdp-per-block", "no-fsdp", "sdpa", "sweep")
+CPU_ONLY_ROWS = ("no-fsdp",)
 SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")  # cuDNN last: a sticky CUDA error there cannot spoil the others
 
 
@@ -64,6 +66,7 @@ class Row:
     ac: bool = False
     compile: bool = False
     fsdp: tuple[int, bool] | None = None  # (unit_blocks, reshard_after_forward); None: the config's
+    shard: bool = True  # False: no FSDP2 at all
     sdpa: str | None = None
 
 
@@ -94,7 +97,7 @@ def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
         defaults = dict(steps=1, warmup=1, rounds=1, rows="base")
         args.model, args.batch, args.img_size, args.num_classes, args.batches = "vit_tiny_patch16", 2, 32, 10, "2,4"
     elif cuda:
-        defaults = dict(model="vit_huge_patch14", batch=32, steps=5, warmup=3, rounds=5, rows="base," + ",".join(EXTRA_ROWS))
+        defaults = dict(model="vit_huge_patch14", batch=32, steps=5, warmup=3, rounds=5, rows=",".join(r for r in ("base", *EXTRA_ROWS) if r not in CPU_ONLY_ROWS))
     else:
         defaults = dict(model="vit_tiny_patch16,vit_base_patch16", batch=8, steps=1, warmup=1, rounds=5, rows="base")
     for k, v in defaults.items():
@@ -102,11 +105,13 @@ def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
             setattr(args, k, v)
 
 
-def plan_rows(args: argparse.Namespace) -> list[Row]:
+def plan_rows(args: argparse.Namespace, cuda: bool) -> list[Row]:
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(wanted) - {"base", *EXTRA_ROWS}
     if unknown:
         raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))}")
+    if cuda and set(wanted) & set(CPU_ONLY_ROWS):
+        raise SystemExit(f"rows {', '.join(CPU_ONLY_ROWS)} run on CPU only (--device cpu)")
     rows = [Row("base", args.batch)] if "base" in wanted else []
     if "ac" in wanted:
         rows.append(Row("ac", args.batch, ac=True))
@@ -114,6 +119,8 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
         rows.append(Row("compile", args.batch, compile=True))
     if "fsdp-per-block" in wanted:
         rows.append(Row("fsdp-per-block", args.batch, fsdp=(1, True)))
+    if "no-fsdp" in wanted:
+        rows.append(Row("no-fsdp", args.batch, shard=False))
     if "sdpa" in wanted:
         rows += [Row(f"sdpa-{b.split('_')[0].lower()}", args.batch, sdpa=b) for b in SDPA]
     if "sweep" in wanted:
@@ -137,8 +144,9 @@ def build_ours(args, name: str, row: Row, world):
     with world.device:
         model = build_model(name, args.num_classes, img_size=args.img_size, grad_checkpointing=row.ac)
     unit_blocks, reshard = row.fsdp or (RECIPE.fsdp.unit_blocks, RECIPE.fsdp.reshard_after_forward)
-    shard_model(model, world, resolve_precision("auto", world.device), compile_blocks=row.compile,
-                unit_blocks=unit_blocks, reshard_after_forward=reshard)
+    if row.shard:
+        shard_model(model, world, resolve_precision("auto", world.device), compile_blocks=row.compile,
+                    unit_blocks=unit_blocks, reshard_after_forward=reshard)
     optimizer = build_optimizer(model, LR, WD)
     model.train()
 
@@ -308,7 +316,7 @@ def main(argv=None) -> int:
     world = init_distributed(args.device)
     device = world.device
     fill_defaults(args, device.type == "cuda")
-    rows = plan_rows(args)
+    rows = plan_rows(args, device.type == "cuda")
     impls = ["ours"]
     if not args.no_timm:
         try:

@@ -24,15 +24,15 @@ def run(script: str, *args: str, timeout: float = 120) -> str:
 
 
 def test_train_step_tiny(tmp_path):
-    out = run("train_step.py", "--rows", "base,fsdp-per-block", "--out", str(tmp_path / "step.md"))
-    assert "command: `python " in out and "train_step.py --tiny --rows base,fsdp-per-block --out" in out
+    out = run("train_step.py", "--rows", "base,fsdp-per-block,no-fsdp", "--out", str(tmp_path / "step.md"))
+    assert "command: `python " in out and "train_step.py --tiny --rows base,fsdp-per-block,no-fsdp --out" in out
     assert "| model | row | impl | batch | step ms | best ms | img/s | TFLOP/s | MFU | peak mem GB | ours/timm img/s |" in out
     assert "| vit_tiny_patch16 | base | ours | 2 |" in out and "| vit_tiny_patch16 | base | timm | 2 |" in out
     assert "ratio ours/timm (img/s) vit_tiny_patch16 base batch 2:" in out
-    assert "| vit_tiny_patch16 | fsdp-per-block | ours | 2 |" in out
+    assert "| vit_tiny_patch16 | fsdp-per-block | ours | 2 |" in out and "| vit_tiny_patch16 | no-fsdp | ours | 2 |" in out
     rows = json.loads((tmp_path / "step.json").read_text())["rows"]
     assert {r["impl"] for r in rows} == {"ours", "timm"} and all(r["status"] == "ok" for r in rows)
-    assert all("ratio" in r for r in rows if r["impl"] == "ours") and len(rows) == 4
+    assert all("ratio" in r for r in rows if r["impl"] == "ours") and len(rows) == 6
     assert "| vit_tiny_patch16 | base | ours |" in (tmp_path / "step.md").read_text()
 
 
