@@ -23,6 +23,7 @@ from vit.config import ConfigError, validate
 from vit.data.sources import DataError
 from vit.distributed import close
 from vit.journal import Journal
+from vit.slurm import read_status
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 STARTED = time.time()
@@ -52,10 +53,7 @@ def write_status(run_dir: str | os.PathLike, **status) -> None:
 
 def user_error_reported(run_dir: str | os.PathLike) -> bool:
     """Whether a rank of this run reported a user error since this process started."""
-    try:
-        status = json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return False
+    status = read_status(run_dir)
     return bool(status.get("user_error")) and status.get("time", 0) >= STARTED
 
 

@@ -149,6 +149,14 @@ def read_log(run_dir: Path) -> list[dict]:
     return read_jsonl(run_dir / "slurm" / REQUEUE_LOG)
 
 
+def read_status(run_dir: str | os.PathLike) -> dict:
+    """`<run_dir>/status.json` (vit.launch.write_status); {} when absent: the rank died before writing it."""
+    try:
+        return json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def latest_checkpoint_step(run_dir: Path) -> int | None:
     """The step named by `checkpoints/latest` (rewritten after every commit); read without torch."""
     try:
@@ -328,11 +336,7 @@ class NodeAgent:
         return error
 
     def _status(self) -> dict:
-        path = self.run_dir / "status.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):  # absent: rank 0 died before writing it
-            return {}
+        return read_status(self.run_dir)
 
     def _stop_seconds(self) -> float | None:
         return None if self.stop_time is None else time.monotonic() - self.stop_time
