@@ -53,10 +53,15 @@ vit_finetune() {
   exec >>"$run_dir/slurm/job-$SLURM_JOB_ID.out" 2>&1
   echo "== $(date -Is) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST: $task ${args[*]}"
   cd "$VIT_HOME"
-  # A typo in the overrides fails here, once, in the log, instead of on every rank after torchrun
-  # started (where it leaves no status behind and reads as a crash to requeue).
-  if ! "${PYTHON:-python3}" jobs/finetune.py "${args[@]}" --cfg job >/dev/null; then
+  # A typo in the overrides, or checkpoints that would not resume with the installed versions and
+  # these settings, fail here, once, in the log, instead of on every rank after torchrun started.
+  local composed="$run_dir/slurm/config-check-$SLURM_JOB_ID.yaml"
+  if ! "${PYTHON:-python3}" jobs/finetune.py "${args[@]}" --cfg job --resolve >"$composed"; then
     echo "error: the settings above do not make a valid config; the job ends here and is not requeued"
+    exit 1
+  fi
+  if ! "${PYTHON:-python3}" -m vit.checkpoint check "$run_dir" --config "$composed"; then
+    echo "error: the run cannot resume (above); the job ends here and is not requeued"
     exit 1
   fi
   # One agent per node; without B: in --signal, Slurm sends USR2 to each of them.

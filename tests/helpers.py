@@ -5,7 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +44,35 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "loss" in record:  # evaluation records carry val_top1/val_top5 instead
             out[record["step"]] = record["loss"]
     return out
+
+
+def plant_refused_class(checkpoint: Path, where: str) -> str:
+    """Put a value of a harmless class that the safe loader does not know (fractions.Fraction, as an
+    upgrade brings new classes) into a real checkpoint; returns the key that now holds it.
+
+    metadata: the DCP metadata's planner data. byte item: the optimizer's eps, the checkpoint
+    rewritten by DCP as one process (these tests' runs have one rank)."""
+    import fractions
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from vit.checkpoint import SafeReader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "assuming the intent is to load in a single process"
+        if where == "metadata":
+            metadata = SafeReader(str(checkpoint)).read_metadata()
+            metadata.planner_data = {"note": fractions.Fraction(1, 3)}
+            (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+            return ".metadata"
+        dcp_to_torch_save(str(checkpoint), str(checkpoint.with_name("whole.pt")))
+        state = torch.load(checkpoint.with_name("whole.pt"), weights_only=False)  # our own test file
+        checkpoint.with_name("whole.pt").unlink()
+        state["optim"]["param_groups"][0]["eps"] = fractions.Fraction(1, 10 ** 8)
+        for f in [*checkpoint.glob("*.distcp"), checkpoint / ".metadata"]:
+            f.unlink()
+        dcp.save(state, storage_writer=FileSystemWriter(str(checkpoint)), no_dist=True)
+    return "optim.param_groups.0.eps"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, losses, run_job
+from helpers import ROOT, TINY, losses, plant_refused_class, run_job
 
 from vit.checkpoint import COMPLETE, Checkpointer, main as checkpoint_cli, problem_with, valid_checkpoints
 
@@ -110,6 +110,16 @@ def fake_checkpoint(root: Path, step: int, *, complete: bool = True) -> Path:
     return path
 
 
+def tree(run_dir: Path) -> dict:
+    """Every file under a run's checkpoints with its size and mtime: what must not change."""
+    return {p.relative_to(run_dir): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+
+
+def errors_of(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
 # --- the uninterrupted reference --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -149,16 +159,17 @@ def test_retention_keeps_the_newest_valid_checkpoints_and_newer_saves_in_flight(
     fake_checkpoint(root, 7, complete=False)  # another save still being written
     ckpt = Checkpointer(root, 0, keep=2, keep_every=3)
     ckpt._apply_retention(root / "step-6")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    # kept: the 2 newest valid (5, 4), the permanent one (3), the newest (6) and the in-flight one (7)
-    assert names == ["step-3", "step-4", "step-5", "step-6", "step-7"]
+    names = sorted(p.name.split(".")[0] for p in root.iterdir() if p.is_dir())
+    # kept: the 2 newest valid (5, 4), the permanent one (3), the in-flight one (7), and the damaged
+    # newest (6), set aside
+    assert names == ["step-3", "step-4", "step-5", "step-6", "step-7"] and not (root / "step-6").exists()
     assert [p.name for p in valid_checkpoints(root, warn=False)] == ["step-5", "step-4", "step-3"]
 
     # keep=1 is raised to 2: even then the newest valid one survives a damaged newest save
     ckpt = Checkpointer(root, 0, keep=1)
     ckpt._apply_retention(root / "step-6")
     assert [p.name for p in valid_checkpoints(root, warn=False)] == ["step-5", "step-4"]
-    assert (root / "step-6").is_dir() and (root / "step-7").is_dir()
+    assert len(list(root.glob("step-6.damaged-*"))) == 1 and (root / "step-7").is_dir()
 
 
 class RunsCommand:
@@ -179,53 +190,74 @@ def planted_metadata(mark: Path) -> bytes:
             + text(f"touch {mark}") + b"\x85R.")
 
 
-@pytest.mark.parametrize("damage", ["zeroed shards", "empty rng file", "pickled call in the optimizer state",
-                                    "pickled call in the metadata"])
-def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(tmp_path, damage):
-    """Damage the size check cannot see, or a planted payload: the loader must warn and fall back to
-    the previous checkpoint, not crash and not run the payload. One process, no process group."""
+def two_saves(tmp_path, plant_in_optimizer: object = None):
+    """A Linear and its AdamW saved at steps 1 and 2 (one process, no process group); the second
+    save may carry `plant_in_optimizer` as its lr (DCP stores it as a pickled byte item)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     ckpt = Checkpointer(tmp_path / "checkpoints", 0)
-    mark = tmp_path / "payload-ran"
-
-    def train_and_save(step):
+    saved = []
+    for step in (1, 2):
         model(torch.randn(2, 8)).square().sum().backward()
         optimizer.step()
         optimizer.zero_grad()
         lr = optimizer.param_groups[0]["lr"]
-        if step == 2 and damage == "pickled call in the optimizer state":
-            optimizer.param_groups[0]["lr"] = RunsCommand(mark)  # DCP stores it as a pickled byte item
+        if step == 2 and plant_in_optimizer is not None:
+            optimizer.param_groups[0]["lr"] = plant_in_optimizer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DCP: "assuming the intent is to save in a single process"
             ckpt.save(step, model, optimizer, {"world_size": 1})
         optimizer.param_groups[0]["lr"] = lr
-        return {k: v.clone() for k, v in model.state_dict().items()}
+        saved.append({k: v.clone() for k, v in model.state_dict().items()})
+    return ckpt, saved
 
-    saved_1 = train_and_save(1)
-    train_and_save(2)
+
+@pytest.mark.parametrize("damage", ["zeroed shards", "empty rng file"])
+def test_a_checkpoint_that_fails_to_load_is_set_aside_and_the_previous_one_loads(tmp_path, damage):
+    """Damage the size check cannot see: the loader warns, renames the checkpoint aside (kept as it
+    was, with the reason) and loads the previous one."""
+    ckpt, saved = two_saves(tmp_path)
     step_2 = tmp_path / "checkpoints/step-2"
     if damage == "zeroed shards":
         for shard in step_2.glob("*.distcp"):
             shard.write_bytes(bytes(shard.stat().st_size))
-    elif damage == "empty rng file":
+    else:
         (step_2 / "rng/rank-0.json").write_text("")
-    elif damage == "pickled call in the metadata":
-        (step_2 / ".metadata").write_bytes(planted_metadata(mark))
-        assert "refusing to load" in problem_with(step_2) and not mark.exists()
-    if damage != "pickled call in the metadata":
-        assert problem_with(step_2) is None  # invisible to the size check
+    assert problem_with(step_2) is None  # invisible to the size check
+    files = {f.relative_to(step_2): f.read_bytes() for f in step_2.rglob("*") if f.is_file()}
 
     fresh = torch.nn.Linear(8, 4)
-    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
-    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-2: "):
-        state = ckpt.load_latest(fresh, fresh_optimizer)
-    assert not mark.exists(), "a pickled call in the checkpoint ran"
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-2: failed to load"):
+        state = ckpt.load_latest(fresh, torch.optim.AdamW(fresh.parameters()))
     assert state is not None and state["step"] == 1 and state["path"].endswith("step-1")
-    assert all(torch.equal(v, saved_1[k]) for k, v in fresh.state_dict().items())
-    assert fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
-    assert ckpt.failed_loads == ([] if damage == "pickled call in the metadata" else [str(step_2)])
+    assert all(torch.equal(v, saved[0][k]) for k, v in fresh.state_dict().items())
+    [aside] = (tmp_path / "checkpoints").glob("step-2.damaged-*")
+    assert not step_2.exists()
+    assert {f: (aside / f).read_bytes() for f in files} == files
+    assert json.loads((aside / "SET_ASIDE.json").read_text())["reason"].startswith("failed to load (")
+
+
+@pytest.mark.parametrize("where", ["optimizer state", "metadata"])
+def test_a_pickled_call_in_a_checkpoint_is_refused_never_run_and_never_skipped(tmp_path, where):
+    """A planted payload is a refused class: the load stops with CheckpointRefusedError naming the
+    key and the class, runs nothing, falls back to nothing and leaves every directory in place."""
+    from vit.checkpoint import CheckpointRefusedError
+
+    mark = tmp_path / "payload-ran"
+    ckpt, _ = two_saves(tmp_path, RunsCommand(mark) if where == "optimizer state" else None)
+    step_2 = tmp_path / "checkpoints/step-2"
+    if where == "metadata":
+        (step_2 / ".metadata").write_bytes(planted_metadata(mark))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    fresh = torch.nn.Linear(8, 4)
+    with pytest.raises(CheckpointRefusedError) as refused:
+        ckpt.load_latest(fresh, torch.optim.AdamW(fresh.parameters()))
+    assert not mark.exists(), "a pickled call in the checkpoint ran"
+    key = (".metadata holds torch.distributed.checkpoint.filesystem.os.system" if where == "metadata"
+           else "optim.param_groups.0.lr holds posix.system")
+    assert str(refused.value).startswith(f"checkpoint {step_2} is refused by the safe loader: {key} (written with ")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
 def test_a_save_that_fails_for_another_reason_than_a_full_disk_is_not_a_user_error(tmp_path):
@@ -296,15 +328,36 @@ def test_a_restart_checks_checkpoints_newest_first_until_one_loads(tmp_path, mon
     assert checked == ["step-3", "step-2", "step-3", "step-1"]  # retention: the new one and the unchecked one
 
 
-def test_retention_does_not_count_a_checkpoint_that_failed_to_load(tmp_path):
+def test_retention_sets_damaged_checkpoints_aside_and_deletes_nothing_while_one_is_refused(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):
         fake_checkpoint(root, step)
+    (root / "step-4" / ".metadata").unlink()  # damaged: counts for nothing, set aside, never deleted
     ckpt = Checkpointer(root, 0, keep=2)
-    ckpt.failed_loads = [str(root / "step-6")]  # as load_latest leaves it: the run resumed from step 4
-    fake_checkpoint(root, 5)  # its first save: an older step, the newer one is not yet overwritten
-    ckpt._apply_retention(root / "step-5")
-    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-5", "step-6"]
+    ckpt._apply_retention(fake_checkpoint(root, 8))
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith("step-4.damaged-")) == ["step-6", "step-8"]
+    assert len(list(root.glob("step-4.damaged-*"))) == 1
+
+    plant_refused_class(root / "step-6", "metadata")  # as a later start with other versions sees it
+    ckpt = Checkpointer(root, 0, keep=2)
+    with pytest.warns(UserWarning, match="retention deletes nothing while a checkpoint is refused"):
+        ckpt._apply_retention(fake_checkpoint(root, 10))
+    ckpt._apply_retention(fake_checkpoint(root, 12))
+    assert sorted(p.name for p in root.glob("step-?*") if "damaged" not in p.name) == [
+        "step-10", "step-12", "step-6", "step-8"]
+
+
+def test_a_save_never_overwrites_a_committed_checkpoint(tmp_path):
+    ckpt, _ = two_saves(tmp_path)
+    committed = tmp_path / "checkpoints/step-2"
+    files = {f.relative_to(committed): f.read_bytes() for f in committed.rglob("*") if f.is_file()}
+    model = torch.nn.Linear(8, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt.save(2, model, torch.optim.AdamW(model.parameters()), {"world_size": 1})
+    [aside] = (tmp_path / "checkpoints").glob("step-2.damaged-*")
+    assert {f: (aside / f).read_bytes() for f in files} == files
+    assert problem_with(committed) is None
 
 
 def test_checkpoints_of_another_setup_are_an_error_and_stay(tmp_path):
@@ -313,11 +366,13 @@ def test_checkpoints_of_another_setup_are_an_error_and_stay(tmp_path):
     run_dir = tmp_path / "run"
     run_job(run_dir, "train.steps=4")
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
-    for override, key in (("data.num_classes=5", "classes"), ("model=vit_small_patch16", "model.name")):
+    for override, key in (("data.num_classes=5", "classes"), ("model=vit_small_patch16", "model.name"),
+                          ("train.global_batch=32", "train.global_batch")):
         proc = run_job(run_dir, "train.steps=8", override, check=False)
-        assert proc.returncode != 0
-        assert f"holds checkpoints of another setup ({key}: " in proc.stderr, proc.stderr[-2000:]
-        assert "new run_dir" in proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        [error] = errors_of(proc)
+        assert error.startswith(f"error: {run_dir} holds checkpoints of another setup ({key}: "), error
+        assert error.endswith("resume with the same settings, or give this one a new run_dir"), error
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
 
 
@@ -533,30 +588,114 @@ def test_kill_9_of_a_rank_during_a_save_resumes_from_the_previous_checkpoint(tmp
 
 # --- damaged checkpoints -----------------------------------------------------------------------------
 
-def test_truncated_and_deleted_shards_are_skipped_with_a_warning(tmp_path, reference, capsys):
+def test_damaged_checkpoints_are_skipped_set_aside_and_kept(tmp_path, reference, capsys):
+    """A truncated shard (step-20) and a missing .metadata (step-16): the run warns, sets both aside,
+    resumes bitwise from step-12, and its new step-16 and step-20 never overwrite them."""
     run = copy_run(reference, tmp_path / "run", upto_step=20)
     shard = sorted((run / "checkpoints/step-20").glob("*.distcp"))[1]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 1000)
-    deleted = sorted((run / "checkpoints/step-16").glob("*.distcp"))[2]
-    deleted.unlink()
+    (run / "checkpoints/step-16/.metadata").unlink()
+    damaged = {p: (run / "checkpoints" / p).read_bytes() for p in ("step-20/" + shard.name, "step-16/train_state.json")}
 
     assert checkpoint_cli(["ls", str(run)]) == 0
     listing = {int(line.split()[0]): line for line in capsys.readouterr().out.splitlines()[1:]}
     assert listing[20].endswith(f"shard {shard.name} is truncated ({shard.stat().st_size} of "
                                 f"{shard.stat().st_size + 1000} bytes)"), listing[20]
-    assert listing[16].endswith(f"shard {deleted.name} is missing"), listing[16]
-    assert listing[12].endswith("valid"), listing[12]
+    assert "unreadable metadata (FileNotFoundError" in listing[16], listing[16]
+    assert listing[12].endswith("valid") and "torch " in listing[12], listing[12]
 
     # the run's "latest" still names step-20; it must not be trusted
     resumed = run_job(run, STEPS)
     assert f"skipping checkpoint {run}/checkpoints/step-20: shard {shard.name} is truncated (" in resumed.stderr
-    assert f"skipping checkpoint {run}/checkpoints/step-16: shard {deleted.name} is missing" in resumed.stderr
+    assert f"skipping checkpoint {run}/checkpoints/step-16: unreadable metadata" in resumed.stderr
     assert f"resumed from {run}/checkpoints/step-12 (step 12," in resumed.stdout
     assert_bitwise(losses(run), losses(reference), range(13, 21))
+    for name, data in damaged.items():
+        step, file = name.split("/")
+        [aside] = (run / "checkpoints").glob(f"{step}.damaged-*")
+        assert (aside / file).read_bytes() == data
     assert checkpoint_cli(["ls", str(run), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["step"]: r["status"] for r in rows} == {20: "valid", 16: "valid"}  # both redone; keep=2
+    assert [(r["step"], r["status"].split(":")[0]) for r in rows] == [
+        (20, "valid"), (16, "valid"), (20, "set aside"), (16, "set aside")]
+    assert "is truncated" in rows[2]["status"] and "unreadable metadata" in rows[3]["status"]
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_stops_instead_of_starting_from_step_0(tmp_path, reference):
+    run = copy_run(reference, tmp_path / "run", upto_step=20)
+    for step in (12, 16, 20):
+        sorted((run / f"checkpoints/step-{step}").glob("*.distcp"))[0].unlink()
+    for attempt in (1, 2):  # and again, now that they are set aside: still no fresh start
+        proc = run_job(run, STEPS, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        [error] = errors_of(proc)
+        assert re.fullmatch(f"error: no checkpoint of {run} loads, and it never starts again from step 0 on its own; "
+                            f"set aside in {run}/checkpoints: "
+                            + "; ".join(rf"step-{s}\.damaged-[0-9TZ]+ \(shard __0_0\.distcp is missing\)"
+                                        for s in (20, 16, 12))
+                            + "; inspect them, then remove them to start afresh \\(or restore one that loads\\)",
+                            error), error
+        assert max(losses(run)) == 20 and "training " not in proc.stdout
+    assert sorted(p.name.split(".")[0] for p in (run / "checkpoints").glob("step-*")) == [
+        "step-12", "step-16", "step-20"]
+    assert checkpoint_cli(["check", str(run)]) == 2
+
+
+@pytest.mark.parametrize("where,scope", [("metadata", "newest"), ("metadata", "all"),
+                                         ("byte item", "newest"), ("byte item", "all")])
+def test_a_refused_checkpoint_stops_the_run_and_nothing_falls_back_or_is_deleted(tmp_path, reference, capsys,
+                                                                                 where, scope):
+    """An upgrade brings a class the safe loader does not know: the run stops with exit 2 in one line
+    naming the checkpoint, the key, the class and the versions; it never falls back to an older
+    checkpoint or to step 0, and no file changes. Allow-listing the class resumes it."""
+    run = copy_run(reference, tmp_path / "run", upto_step=20)
+    for step in (12, 16, 20) if scope == "all" else (20,):
+        key = plant_refused_class(run / f"checkpoints/step-{step}", where)
+    before = tree(run)
+    proc = run_job(run, "train.steps=24", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [error] = errors_of(proc)
+    assert error.startswith(f"error: checkpoint {run}/checkpoints/step-20 is refused by the safe loader: {key} holds "
+                            "fractions.Fraction (written with torch "), error
+    assert error.endswith("allow it with checkpoint.allowed_classes=[fractions.Fraction]"), error
+    assert "resumed from" not in proc.stdout and "training " not in proc.stdout and max(losses(run)) == 20
+    assert tree(run) == before
+    status = json.loads((run / "status.json").read_text())
+    assert status["user_error"] and status["error"] == error[len("error: "):]
+
+    assert checkpoint_cli(["check", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == error
+    assert checkpoint_cli(["ls", str(run)]) == 0
+    assert "refused: checkpoint" in capsys.readouterr().out
+    if where == "byte item" and scope == "newest":
+        resumed = run_job(run, "train.steps=24", "checkpoint.allowed_classes=[fractions.Fraction]")
+        assert f"resumed from {run}/checkpoints/step-20 (step 20," in resumed.stdout
+
+
+def test_the_config_is_the_truth_on_resume(tmp_path, reference):
+    """Changed optimizer hyper-parameters apply to the resumed run (the checkpoint's param groups
+    would override them), per-parameter state still comes from the checkpoint, and the change is
+    printed and journaled."""
+    from vit.checkpoint import byte_items
+
+    run = copy_run(reference, tmp_path / "run", upto_step=16)
+    saved = json.loads((run / "checkpoints/step-16/train_state.json").read_text())["config"]["optim"]
+    resumed = run_job(run, STEPS, "checkpoint.keep=3", "optim.weight_decay=0.1", "optim.betas=[0.8,0.99]",
+                      "optim.eps=1e-6")
+    changes = [line for line in resumed.stdout.splitlines() if line.startswith("resumed with ")]
+    assert changes == [f"resumed with optim.betas {saved['betas']} -> [0.8, 0.99], optim.eps {saved['eps']} -> "
+                       f"1e-06, optim.weight_decay {saved['weight_decay']} -> 0.1"], resumed.stdout
+    assert losses(run)[17] == losses(reference)[17]  # step 17's loss: the weights of step 16, exactly
+    groups: dict[str, dict] = {}
+    for key, value in byte_items(run / "checkpoints/step-20").items():
+        _, _, group, name = key.split(".", 3)
+        groups.setdefault(group, {})[name] = value
+    assert sorted(g["weight_decay"] for g in groups.values()) == [0.0, 0.1]
+    assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in groups.values()), groups
+    journal = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()]
+    [resume] = [e for e in journal if e["event"] == "resume"]
+    assert resume["changed"]["optim.weight_decay"] == [saved["weight_decay"], 0.1]
 
 
 # --- retention in a run ------------------------------------------------------------------------------

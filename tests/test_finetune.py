@@ -219,10 +219,10 @@ def test_finetune_starts_from_pretrained_and_resumes_exactly(request, pretrained
     assert losses(run_dir) == losses(straight)
 
 
-def test_unloadable_checkpoint_restarts_from_the_pretrained_weights(pretrained, ade, tmp_path):
-    """The run's only checkpoint passes the size check but fails part-way through loading. The run
-    must start again exactly as a first start would: pretrained trunk (sent from rank 0 to the other
-    rank), nothing left over from the half-loaded checkpoint."""
+def test_a_fine_tune_whose_checkpoints_all_fail_to_load_stops_and_keeps_them(pretrained, ade, tmp_path):
+    """The run's only checkpoint passes the size check but fails part-way through loading, on 2 ranks.
+    The run must not fall back to the pretrained weights (that would throw its training away): it
+    stops in one line, not requeued, with the damaged checkpoint set aside, byte for byte."""
     common = [*TINY_ADE, f"data.root={ade}", f"pretrained={pretrained}", "train.steps=4", "train.micro_batch=4",
               "train.eval_every=0", "optim.warmup_steps=2", "checkpoint.every_steps=2", "train.log_every=1"]
     run_dir = tmp_path / "run"
@@ -233,12 +233,17 @@ def test_unloadable_checkpoint_restarts_from_the_pretrained_weights(pretrained, 
     for shard in shards:  # keep the first half: loading writes some weights, then fails
         data = shard.read_bytes()
         shard.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
-    second = finetune(run_dir, *common, nproc=2)
-    assert "skipping checkpoint" in second.stderr and "failed to load" in second.stderr, second.stderr[-3000:]
-    assert f"fresh start from pretrained weights {pretrained}/checkpoints/step-4\n" in second.stdout, second.stdout
-    straight = tmp_path / "straight"
-    finetune(straight, *common, nproc=2)
-    assert losses(run_dir) == losses(straight)
+    damaged = {s.name: s.read_bytes() for s in shards}
+    second = finetune(run_dir, *common, nproc=2, check=False)
+    assert second.returncode != 0, second.stderr[-3000:]
+    assert "fresh start" not in second.stdout and "resumed from" not in second.stdout, second.stdout
+    aside = list((run_dir / "checkpoints").glob("step-2.damaged-*"))
+    assert len(aside) == 1 and not (run_dir / "checkpoints/step-2").exists()
+    assert {name: (aside[0] / name).read_bytes() for name in damaged} == damaged
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert len(set(errors)) == 1 and errors[0].startswith(
+        f"error: no checkpoint of {run_dir} loads, and it never starts again from step 0 on its own; set aside in "
+        f"{run_dir}/checkpoints: {aside[0].name} (failed to load ("), errors
 
 
 def test_pretrained_is_for_fine_tuning_only():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, losses
+from helpers import ROOT, losses, plant_refused_class
 from slurm_cluster import dump_logs, job_state, requeue_causes, sbatch, wait_for_step, wait_job
 
 from vit.journal import read_journal
@@ -201,6 +201,41 @@ def test_crash_loop_stops_requeueing(slurm_env, tmp_path):
     assert re.search(r"not requeueing: crash loop: 3 failures in a row since the checkpoint of step 10 "
                      r"\(last at step 11: FloatingPointError: the loss or gradient norm was not finite for the "
                      r"last 10 steps", text), text[-3000:]
+
+
+def test_a_requeued_job_whose_checkpoint_is_refused_stops_and_is_not_resubmitted(slurm_env, tmp_path):
+    """Between a requeue and its restart the checkpoints become unloadable by the installed versions
+    (here a class the safe loader does not know, planted in their metadata): the restart stops with
+    the refusal as its reason in status and journal, is not requeued, and changes no checkpoint. A
+    new submission of the same run is then rejected on the login node, in one line."""
+    run_dir = tmp_path / "refused"
+    job = submit(slurm_env, run_dir, "train.steps=400")
+    wait_for_step(run_dir, 12, slurm_env, job, log_files=logs(run_dir))
+    subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
+    state = wait_job(job, slurm_env, states={"PENDING", "FAILED", "COMPLETED", "CANCELLED"}, timeout=300,
+                     release_held=False, log_files=logs(run_dir))
+    assert state["JobState"] == "PENDING", f"{state}\n{dump_logs(slurm_env, logs(run_dir))}"
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        plant_refused_class(checkpoint, "metadata")
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    state = wait_job(job, slurm_env, timeout=420, log_files=logs(run_dir))
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "1", f"{state}\n{dump_logs(slurm_env, logs(run_dir))}"
+    assert requeue_causes(run_dir) == ["preemption"]
+    refused = (f"checkpoint {max(checkpoints, key=lambda p: int(p.name[5:]))} is refused by the safe loader: "
+               ".metadata holds fractions.Fraction (written with torch ")
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["user_error"] and status["error"].startswith(refused), status
+    [agent_exit] = [e for e in read_journal(run_dir) if e["event"] == "agent_exit" and e.get("restart") == 1]
+    assert "is refused by the safe loader" in agent_exit["reason"], agent_exit
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
+
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "-m", *TINY_SLURM, f"run_dir={run_dir}",
+                           "train.steps=400"], cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "submitted job" not in proc.stdout, proc.stdout + proc.stderr
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: {refused}") and error.endswith("allowed_classes=[fractions.Fraction]"), error
 
 
 def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, tmp_path):

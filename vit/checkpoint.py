@@ -6,17 +6,26 @@ Layout of `<run_dir>/checkpoints/step-<N>/`:
   rng/rank-<r>.json     each rank's torch/CUDA/numpy/python RNG state
   COMPLETE              written last, atomically (rename), after a barrier: only then is it valid
 `checkpoints/latest` names the newest valid checkpoint; the loader does not trust it blindly and
-re-checks every candidate, newest first, skipping incomplete or damaged ones with a warning.
+re-checks every candidate, newest first.
+
+What a resume does with each kind of bad checkpoint (the README has the same table):
+  incomplete (no COMPLETE: a save was killed)  skipped; its name is reused by the next save
+  damaged (a shard missing or short, metadata  skipped, renamed aside to `step-N.damaged-<time>` with
+  unreadable, a load that fails)               a SET_ASIDE.json saying why; kept until the user removes it
+  refused (a class the safe unpickler does     the run stops (CheckpointRefusedError, not requeued):
+  not allow, e.g. after an upgrade)            nothing falls back, starts fresh or is deleted
+  none loads, but the run has checkpoints      the run stops: it never starts again from step 0 on its own
 
 No untrusted pickle is ever loaded: JSON for non-tensor state, DCP's byte items (the optimizer's
 hyper-parameters) through `torch.load(weights_only=True)` (DCP's own planner would use
 `weights_only=False`), and DCP's `.metadata` through an unpickler that admits only the classes a
-DCP metadata file is made of.
+DCP metadata file is made of. `checkpoint.allowed_classes` admits more, once a user has checked them.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import io
 import json
 import os
@@ -34,21 +43,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from vit.config import ConfigError, resume_conflict
 from vit.distributed import barrier, broadcast_object
 
 COMPLETE = "COMPLETE"
 TRAIN_STATE = "train_state.json"
+SET_ASIDE = "SET_ASIDE.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot serve, or a full disk: the user must act (not requeued)."""
+
+
+class CheckpointRefusedError(CheckpointError):
+    """The safe unpickler refused a class in a checkpoint. Not damage: the checkpoint is most likely
+    fine and was written by other versions (torch, numpy, omegaconf) than those installed now."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -70,13 +87,41 @@ _ALLOWED_GLOBALS = {
 }
 
 
+_USER_ALLOWED: set[tuple[str, str]] = set()
+
+
+def allow_classes(names) -> None:
+    """Admit `module.Class` names (`checkpoint.allowed_classes`) in metadata and byte items: the way
+    out of a refusal once the user has checked that the class is harmless."""
+    for full in names or ():
+        module, _, name = str(full).rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            raise ConfigError("checkpoint.allowed_classes", f"{full!r} names no importable class",
+                              "give full names such as fractions.Fraction") from None
+        _USER_ALLOWED.add((module, name))
+        torch.serialization.add_safe_globals([obj])
+
+
+class RefusedClass(pickle.UnpicklingError):
+    """A safe unpickler met a class it does not allow, in `where` (.metadata or a byte item's key)."""
+
+    def __init__(self, where: str, names: list[str]):
+        super().__init__(where, names)
+        self.where, self.names = where, names
+
+    def __str__(self) -> str:
+        return f"{self.where} holds {', '.join(self.names)}"
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
+        if (module, name) in _ALLOWED_GLOBALS or (module, name) in _USER_ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+        raise RefusedClass(".metadata", [f"{module}.{name}"])
 
 
 class SafeReader(FileSystemReader):
@@ -95,14 +140,28 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner, with byte items read by the weights-only unpickler."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            value.seek(0)
+            try:
+                refused = torch.serialization.get_unsafe_globals_in_checkpoint(value)
+            except Exception:  # noqa: BLE001 (damaged bytes): then it is damage, not a refusal
+                refused = []
+            if refused:
+                raise RefusedClass(fqn, refused) from None
+            raise
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+            self.state_dict[fqn] = obj
 
 
 # --- validity -----------------------------------------------------------------------------------
+
+INCOMPLETE = "incomplete (no COMPLETE marker)"
+
 
 def step_of(path: Path) -> int | None:
     name = path.name
@@ -117,12 +176,15 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def problem_with(path: Path) -> str | None:
-    """Why this checkpoint cannot be loaded, or None if it is complete and every shard is there in full."""
+    """Why this checkpoint cannot be loaded, or None if it is complete and every shard is there in full.
+    A class refused in its metadata raises CheckpointRefusedError: that is no damage to skip."""
     if not (path / COMPLETE).is_file():
-        return "incomplete (no COMPLETE marker)"
+        return INCOMPLETE
     try:
         json.loads((path / TRAIN_STATE).read_text())
         metadata = SafeReader(str(path)).read_metadata()
+    except RefusedClass as e:
+        raise refusal(path, e) from None
     except Exception as e:  # noqa: BLE001 (damaged bytes fail in any way the unpickler can)
         return f"unreadable metadata ({type(e).__name__}: {e})"
     needed: dict[str, int] = {}
@@ -138,15 +200,80 @@ def problem_with(path: Path) -> str | None:
 
 
 def valid_checkpoints(root: Path, warn: bool = True, known: set[Path] = frozenset()) -> list[Path]:
-    """The loadable checkpoints, newest first; those in `known` were checked before and are not re-read."""
+    """The loadable checkpoints, newest first; those in `known` were checked before and are not re-read.
+    A refused one is not loadable here (CheckpointRefusedError tells why when it is loaded)."""
     valid = []
     for path in checkpoint_dirs(root):
-        problem = None if path in known else problem_with(path)
+        try:
+            problem = None if path in known else problem_with(path)
+        except CheckpointRefusedError as e:
+            problem = str(e)
         if problem is None:
             valid.append(path)
         elif warn:
             warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
     return valid
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename a damaged checkpoint out of the way (rank 0), so that no save reuses and overwrites its
+    name, and note why: the user inspects it, then removes it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.damaged-{stamp}-{n}"), n + 1
+    os.rename(path, aside)
+    _write_atomic(aside / SET_ASIDE, json.dumps({"reason": reason, "time": time.time(), "was": path.name}))
+    return aside
+
+
+def set_aside_dirs(root: Path) -> list[Path]:
+    """The checkpoints `set_aside` renamed, newest step first."""
+    found = [p for p in root.glob("step-*.damaged-*") if p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=lambda p: (-int(p.name[5:].split(".")[0]), p.name))
+
+
+def why_set_aside(path: Path) -> str:
+    try:
+        return json.loads((path / SET_ASIDE).read_text())["reason"]
+    except (OSError, ValueError, KeyError):
+        return "reason not recorded"
+
+
+def versions() -> dict[str, str]:
+    """What wrote a checkpoint: a refusal after an upgrade names the versions to pin."""
+    import vit
+    found = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+             "vit": vit.__version__}
+    for module in ("timm", "omegaconf"):
+        try:
+            found[module] = importlib.import_module(module).__version__
+        except ImportError:
+            pass
+    return found
+
+
+def _versions_text(found: dict | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in found.items() if k != "python") if found else "unknown versions"
+
+
+def refusal(path: Path, refused: RefusedClass) -> CheckpointRefusedError:
+    """The one line a user needs: which checkpoint, which key and class, which versions, what to do."""
+    try:
+        state = json.loads((path / TRAIN_STATE).read_text())
+        written = state.get("versions") or {"vit": state.get("version", "?")}
+    except (OSError, ValueError):
+        written = None
+    names = " ".join(refused.names)
+    return CheckpointRefusedError(
+        f"checkpoint {path} is refused by the safe loader: {refused} (written with {_versions_text(written)}; "
+        f"installed: {_versions_text(versions())}); pin the versions that wrote it, or, after checking the "
+        f"class is harmless, allow it with checkpoint.allowed_classes=[{names.replace(' ', ',')}]")
+
+
+def _refused_in(e: BaseException) -> RefusedClass | None:
+    return next((x for x in _exception_chain(e) if isinstance(x, RefusedClass)), None)
 
 
 # --- RNG state as JSON ----------------------------------------------------------------------------
@@ -204,7 +331,7 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.pending: _Pending | None = None
         self.last_save_seconds: float | None = None
-        self.failed_loads: list[str] = []  # checkpoints load_latest skipped after they had started loading
+        self.refused: set[Path] = set()  # found by retention: then it deletes nothing
         # Checked once: reading ViT-H's .metadata for 32 ranks takes ~1 s, and retention would re-read
         # every kept checkpoint at each commit while the other ranks wait at the barrier.
         self._known_valid: set[Path] = set()
@@ -236,7 +363,9 @@ class Checkpointer:
         prepare_error = None
         if self.rank == 0:
             try:
-                if path.exists():  # left by a save that was killed; never valid, safe to replace
+                if (path / COMPLETE).exists():  # a resume never overwrites a committed checkpoint
+                    set_aside(path, "a committed checkpoint at a step that was saved again")
+                elif path.exists():  # left by a save that was killed; never valid, safe to replace
                     shutil.rmtree(path)
                 os.makedirs(path / "rng")
             except OSError as e:
@@ -302,10 +431,23 @@ class Checkpointer:
             self.journal.write(event, step, **fields)
 
     def _apply_retention(self, newest: Path) -> None:
-        # One that failed to load at this start does not count towards `keep`.
-        valid = [p for p in valid_checkpoints(self.root, warn=False, known=self._known_valid)
-                 if str(p) not in self.failed_loads]
+        # Only loadable checkpoints count towards `keep`; a damaged one is set aside, never deleted.
+        valid = []
+        for path in checkpoint_dirs(self.root):
+            try:
+                problem = None if path in self._known_valid else problem_with(path)
+            except CheckpointRefusedError as e:
+                if path not in self.refused:
+                    warnings.warn(f"retention deletes nothing while a checkpoint is refused: {e}", stacklevel=2)
+                self.refused.add(path)
+                continue
+            if problem is None:
+                valid.append(path)
+            elif problem != INCOMPLETE:
+                set_aside(path, problem)
         self._known_valid.update(valid)
+        if self.refused:  # the user may yet load it with other versions: keep the history it needs
+            return
         keep = set(valid[: self.keep]) | {newest}
         if self.keep_every:
             keep |= {p for p in valid if step_of(p) % self.keep_every == 0}
@@ -317,11 +459,13 @@ class Checkpointer:
     # load
     def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     incompatible=lambda train_state: None) -> dict | None:
-        """Restore the newest loadable checkpoint; returns its train state, or None to start fresh.
+        """Restore the newest loadable checkpoint; returns its train state, or None for a run that has
+        no checkpoint yet. Damaged ones are set aside on the way (module docstring).
 
-        `incompatible(train_state)` says why a checkpoint belongs to another setup (a different model
-        or class list), or None. That is an error, not damage: skipping such checkpoints would start
-        afresh and overwrite them.
+        Only per-parameter state comes from the checkpoint: every param group keeps the
+        hyper-parameters it was built with (lr, betas, eps, weight decay, lr scale), so the config
+        is the truth on resume. `incompatible(train_state)` says why a checkpoint belongs to another
+        setup (a different model or class list), or None: an error, never damage to skip.
         """
         candidates, error = None, None
         if self.rank == 0:
@@ -333,35 +477,54 @@ class Checkpointer:
         candidates, error = broadcast_object((candidates, error))
         if error:
             raise CheckpointError(error)
-        self.failed_loads = []
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         for candidate in candidates:
             path = Path(candidate)
             # Newest first, each checked only when reached: reading ViT-H's metadata for 32 ranks
             # takes ~1 s, and the other ranks wait for it at every restart.
-            problem = broadcast_object(problem_with(path) if self.rank == 0 else None)
+            problem, refused = None, None
+            if self.rank == 0:
+                try:
+                    problem = problem_with(path)
+                except CheckpointRefusedError as e:
+                    refused = str(e)
+            problem, refused = broadcast_object((problem, refused))
+            if refused is None and problem is None:
+                try:
+                    model_sd, optim_sd = get_state_dict(model, optimizer)
+                    dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=SafeReader(str(path)),
+                             planner=SafeLoadPlanner())
+                    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+                    rng_file = path / "rng" / f"rank-{self.rank}.json"
+                    # Absent after a change of world size: this rank keeps its seed.
+                    rng = json.loads(rng_file.read_text()) if rng_file.is_file() else None
+                except (Exception, CheckpointException) as e:  # a shard that went bad after the check
+                    found = _refused_in(e)
+                    refused = str(refusal(path, found)) if found else None
+                    problem = f"failed to load ({_root_cause(e)})"
+                failures = [f for f in _gather((refused, problem)) if f != (None, None)]
+                refused = next((r for r, _ in failures if r), None)
+                problem = failures[0][1] if failures else None
+            if refused:
+                raise CheckpointRefusedError(refused)
             if problem:
                 if self.rank == 0:
                     warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+                    if problem != INCOMPLETE:
+                        set_aside(path, problem)
                 continue
-            try:
-                model_sd, optim_sd = get_state_dict(model, optimizer)
-                dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=SafeReader(str(path)),
-                         planner=SafeLoadPlanner())
-                set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-                rng_file = path / "rng" / f"rank-{self.rank}.json"
-                # Absent after a change of world size: this rank keeps its seed.
-                rng = json.loads(rng_file.read_text()) if rng_file.is_file() else None
-                ok = 1
-            except (Exception, CheckpointException) as e:  # a shard that went bad after the check: use the previous
-                warnings.warn(f"skipping checkpoint {path}: failed to load ({_root_cause(e)})", stacklevel=2)
-                ok = 0
-            if not _all_ok(ok):
-                self.failed_loads.append(str(path))
-                continue
+            for group, built in zip(optimizer.param_groups, hyper):
+                group.update(built)
             if rng is not None:
                 set_rng_state(rng)
             self._known_valid.add(path)
             return {"path": str(path), **json.loads((path / TRAIN_STATE).read_text())}
+        aside = broadcast_object([f"{p.name} ({why_set_aside(p)})" for p in set_aside_dirs(self.root)]
+                                 if self.rank == 0 else None)
+        if aside:
+            raise CheckpointError(f"no checkpoint of {self.root.parent} loads, and it never starts again from step 0 "
+                                  f"on its own; set aside in {self.root}: {'; '.join(aside)}; inspect them, then "
+                                  "remove them to start afresh (or restore one that loads)")
         return None
 
 
@@ -374,31 +537,48 @@ def _complete_train_state(path: str) -> dict | None:
         return None
 
 
-def _root_cause(e: BaseException) -> str:
-    """One line for the user: "disk full" if ENOSPC is anywhere in the chain, else the innermost message."""
-    seen, stack, innermost = set(), [e], e
+def _exception_chain(e: BaseException):
+    """e, its causes and contexts, and the per-rank failures DCP wraps into a CheckpointException."""
+    seen, stack = set(), [e]
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left" in str(x):
-            return "disk full: No space left on device"
+        yield x
         if isinstance(x, CheckpointException):
             stack += [failure for failure, _ in x.failures.values()]
         stack += [x.__cause__, x.__context__]
+
+
+def _root_cause(e: BaseException) -> str:
+    """One line for the user: "disk full" if ENOSPC is anywhere in the chain, else the innermost message."""
+    innermost = e
+    for x in _exception_chain(e):
+        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left" in str(x):
+            return "disk full: No space left on device"
         innermost = x if str(x).strip() else innermost
-    text = str(innermost).strip()
-    return text.splitlines()[-1][:300] if text else type(e).__name__
+    lines = [line.strip() for line in str(innermost).splitlines() if line.strip()]
+    # A weights-only failure (another rank's reaches us without its cause) is a page of advice
+    # around the one line of substance that follows "WeightsUnpickler error:".
+    marked = [i for i, line in enumerate(lines) if "WeightsUnpickler error:" in line]
+    if marked:
+        rest = lines[marked[0]].split("WeightsUnpickler error:", 1)[1].strip()
+        lines = [rest] if rest else lines[marked[0] + 1:marked[0] + 2]
+    return lines[-1][:300] if lines else type(e).__name__
 
 
-def _all_ok(ok: int) -> bool:
-    """Every rank loaded its part (an object collective works on gloo and NCCL alike)."""
+def _gather(value) -> list:
+    """Every rank's value (an object collective works on gloo and NCCL alike)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        flags = [None] * dist.get_world_size()
-        dist.all_gather_object(flags, ok)
-        return all(flags)
-    return bool(ok)
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
+def _all_ok(ok: bool) -> bool:
+    return all(_gather(ok))
 
 
 # --- tools: export and ls -------------------------------------------------------------------------
@@ -462,15 +642,91 @@ def load_pretrained(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def describe(root: Path) -> list[dict]:
-    rows = []
-    for path in checkpoint_dirs(root):
+    """Every checkpoint directory with its status, the set-aside ones (and why) last."""
+    rows, aside = [], set_aside_dirs(root)
+    for path in [*checkpoint_dirs(root), *aside]:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         marker = path / COMPLETE
-        rows.append({"step": step_of(path), "path": str(path), "size_bytes": size,
+        try:
+            written = json.loads((path / TRAIN_STATE).read_text()).get("versions")
+        except (OSError, ValueError):
+            written = None
+        if path in aside:
+            status = f"set aside: {why_set_aside(path)}"
+        else:
+            try:
+                status = problem_with(path) or "valid"
+                if status == "valid":
+                    check_byte_items(path)
+            except CheckpointRefusedError as e:
+                status = f"refused: {e}"
+            except CheckpointError as e:
+                status = str(e)
+        rows.append({"step": int(path.name[5:].split(".")[0]), "path": str(path), "size_bytes": size,
                      "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(marker.stat().st_mtime))
-                     if marker.exists() else None,
-                     "status": problem_with(path) or "valid"})
+                     if marker.exists() else None, "versions": written, "status": status})
     return rows
+
+
+def byte_items(path: Path) -> dict:
+    """Every non-tensor item of a checkpoint (the optimizer's hyper-parameters, ...) by its key, read
+    through the safe unpickler without loading a tensor: a refused class raises RefusedClass."""
+    metadata = SafeReader(str(path)).read_metadata()
+    keys = {k: None for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "assuming the intent is to load in a single process"
+        dcp.load(keys, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(allow_partial_load=True),
+                 no_dist=True)
+    return keys
+
+
+def check_byte_items(path: Path) -> None:
+    """Raise CheckpointRefusedError for a refused class in a byte item, CheckpointError if one is unreadable."""
+    try:
+        byte_items(path)
+    except (Exception, CheckpointException) as e:
+        found = _refused_in(e)
+        if found:
+            raise refusal(path, found) from None
+        raise CheckpointError(f"checkpoint {path}: its byte items do not load ({_root_cause(e)})") from None
+
+
+def check_resumable(run_dir: str | os.PathLike, cfg=None) -> str:
+    """What a start of this run would resume from, checked without a process group: the newest
+    checkpoint whose files are whole, every byte item through the safe unpickler, the config's
+    conflicts with it, and its model shapes against the model built now. Raises CheckpointError
+    (CheckpointRefusedError for a refusal) or ConfigError; nothing is changed on disk."""
+    from vit.tasks import build_task  # which imports this module
+
+    root = Path(run_dir) / "checkpoints"
+    for path in checkpoint_dirs(root):
+        if problem_with(path) is None:
+            break
+    else:
+        if set_aside_dirs(root) or any((p / COMPLETE).exists() for p in checkpoint_dirs(root)):
+            raise CheckpointError(f"no checkpoint of {run_dir} loads, and it never starts again from step 0 on "
+                                  "its own; see python -m vit.checkpoint ls " + str(run_dir))
+        return f"{run_dir} has no checkpoint: the run starts from step 0"
+    check_byte_items(path)
+    state = json.loads((path / TRAIN_STATE).read_text())
+    cfg = cfg if cfg is not None else OmegaConf.create(state["config"])
+    why = resume_conflict(state["config"], cfg)
+    if why:
+        raise CheckpointError(f"{run_dir} holds checkpoints of another setup ({why}); resume with the same "
+                              "settings, or give this one a new run_dir")
+    with torch.device("meta"):
+        model = build_task(cfg).build_model(len(state["classes"]))
+    saved = {k[len("model."):]: v.size for k, v in SafeReader(str(path)).read_metadata().state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+    now = {k: v.shape for k, v in model.state_dict().items()}
+    misfit = sorted(set(saved) ^ set(now)) or [k for k in saved if tuple(saved[k]) != tuple(now[k])]
+    if misfit:
+        raise CheckpointError(f"checkpoint {path} does not fit the model built now ({len(misfit)} tensors differ, "
+                              f"e.g. {misfit[0]}: {tuple(saved.get(misfit[0], ()))} saved, "
+                              f"{tuple(now[misfit[0]]) if misfit[0] in now else ()} now); resume with the code "
+                              "and settings that wrote it, or give this run a new run_dir")
+    return (f"{path} resumes (step {state['step']}, written with "
+            f"{_versions_text(state.get('versions') or {'vit': state.get('version', '?')})})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,25 +735,36 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("export", help="consolidate a checkpoint's model into one safetensors file")
     ex.add_argument("checkpoint", help="a step-N directory, or a run directory (newest valid checkpoint)")
     ex.add_argument("out")
-    ls = sub.add_parser("ls", help="list a run's checkpoints with step, time, size and validity")
+    ls = sub.add_parser("ls", help="list a run's checkpoints with step, time, size, versions and validity")
     ls.add_argument("run_dir")
     ls.add_argument("--json", action="store_true")
+    check = sub.add_parser("check", help="check, changing nothing, that the run resumes with the installed "
+                                         "versions (and CONFIG, else the checkpoint's own config)")
+    check.add_argument("run_dir")
+    check.add_argument("--config", help="a resolved config (YAML) to resume with")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
             print(export_safetensors(args.checkpoint, args.out))
             return 0
+        if args.command == "check":
+            cfg = OmegaConf.load(args.config) if args.config else None
+            if cfg is not None:
+                allow_classes(cfg.checkpoint.get("allowed_classes"))
+            print(check_resumable(args.run_dir, cfg))
+            return 0
         root = Path(args.run_dir)
         rows = describe(root / "checkpoints" if (root / "checkpoints").is_dir() else root)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if args.command == "check" else 1
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"{'step':>10}  {'time':19}  {'size':>10}  status")
+        print(f"{'step':>10}  {'time':19}  {'size':>10}  {'written with':40}  status")
         for r in rows:
-            print(f"{r['step']:>10}  {r['time'] or '-':19}  {r['size_bytes'] / 1e6:>8.1f}MB  {r['status']}")
+            print(f"{r['step']:>10}  {r['time'] or '-':19}  {r['size_bytes'] / 1e6:>8.1f}MB  "
+                  f"{_versions_text(r['versions']) if r['versions'] else '-':40}  {r['status']}")
     return 0
 
 

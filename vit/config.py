@@ -86,14 +86,44 @@ def validate_submission(cfg: DictConfig) -> None:
                               "remove it: the value goes into the sbatch script")
 
 
-def _leaves(tree, prefix: str = ""):
+def _leaves(tree, prefix: str = "", lists: bool = True):
+    """(dotted key, value) of every leaf; with `lists=False` a list is one leaf."""
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
     for k, v in items:
         key = f"{prefix}{k}"
-        if isinstance(v, (dict, list)):
-            yield from _leaves(v, key + ".")
+        if isinstance(v, dict) or (lists and isinstance(v, list)):
+            yield from _leaves(v, key + ".", lists)
         else:
             yield key, v
+
+
+# What a resume cannot change: the checkpoint's tensors have the model's and image size's shapes, and
+# its step count and data position are counted in global batches of the data order the seed draws.
+RESUME_FIXED = ("model.name", "task.name", "data.img_size", "train.global_batch", "seed")
+
+
+def _at(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def resume_conflict(saved_config: dict, cfg: DictConfig) -> str | None:
+    """Why a run with `cfg` cannot resume a checkpoint written with `saved_config`, or None."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for key in RESUME_FIXED:
+        if _at(saved_config, key) != _at(now, key):
+            return f"{key}: {_at(saved_config, key)} there, {_at(now, key)} now"
+    return None
+
+
+def config_changes(saved_config: dict, cfg: DictConfig) -> dict[str, list]:
+    """Every config value that differs from the checkpoint's run: {key: [then, now]}. The run
+    directory is left out: a run moved to another path is the same run."""
+    was, now = dict(_leaves(saved_config, lists=False)), dict(_leaves(OmegaConf.to_container(cfg, resolve=True),
+                                                                     lists=False))
+    return {k: [was.get(k), now.get(k)] for k in sorted(was.keys() | now.keys())
+            if was.get(k) != now.get(k) and k != "run_dir"}
 
 
 def validate(cfg: DictConfig, world_size: int) -> None:

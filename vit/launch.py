@@ -70,6 +70,8 @@ def run_training(cfg: DictConfig) -> dict:
         # Every rank reports it: one on a node whose dataset mount is missing must stop the requeues too.
         where = f" (rank {rank} on {socket.gethostname()})" if rank else ""
         write_status(cfg.run_dir, state="failed", error=f"{e}{where}", user_error=True)
+        if rank == 0:
+            Journal(cfg.run_dir).write("user_error", progress.get("step"), error=str(e))
         fail(e)
     except BaseException as e:
         if rank == 0 and not user_error_reported(cfg.run_dir):  # else that error is what this rank died of

@@ -16,9 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp import FSDPModule
 
-import vit
-from vit.checkpoint import Checkpointer
-from vit.config import accumulation_steps, total_steps
+from vit.checkpoint import Checkpointer, allow_classes, versions
+from vit.config import accumulation_steps, config_changes, resume_conflict, total_steps
 from vit.data.loader import DataPosition, build_loader
 from vit.data.sources import DataError
 from vit.distributed import all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed
@@ -140,20 +139,14 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     step, position, bad_samples, in_a_row = 0, DataPosition(), 0, 0
 
     def incompatible(saved: dict) -> str | None:
-        was = saved["config"]
-        for key, then, now in (("model.name", was["model"]["name"], cfg.model.name),
-                               ("task", was.get("task", {}).get("name"), cfg.get("task", {}).get("name")),
-                               ("data.img_size", was["data"]["img_size"], cfg.data.img_size)):
-            if then != now:
-                return f"{key}: {then} there, {now} now"
+        if why := resume_conflict(saved["config"], cfg):
+            return why
         if saved["classes"] != source.classes:
             return f"classes: {len(saved['classes'])} there, {len(source.classes)} now, or in another order"
         return None
 
+    allow_classes(cfg.checkpoint.allowed_classes)
     resumed = ckpt.load_latest(model, optimizer, incompatible)
-    if not resumed and ckpt.failed_loads:  # a checkpoint that failed part-way may have overwritten some weights
-        model = optimizer = None
-        model, optimizer = build_model_and_optimizer()
     if not resumed and cfg.get("pretrained"):  # fine-tuning starts from pretrained weights, a resumed run from its own
         loaded = task.load_pretrained(model)
         journal.write("pretrained", step, path=str(cfg.pretrained), loaded=loaded)
@@ -162,11 +155,15 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     if resumed:
         step, position, bad_samples = resumed["step"], DataPosition(**resumed["data"]), resumed["bad_samples"]
         in_a_row = resumed.get("skipped_in_a_row", 0)
+        changed = config_changes(resumed["config"], cfg)  # the optimizer already took them (load_latest)
         journal.write("resume", step, checkpoint=resumed["path"], saved_world_size=resumed["world_size"],
-                      world_size=world.world_size)
+                      world_size=world.world_size, changed=changed)
         if main:
             print(f"resumed from {resumed['path']} (step {step}, epoch {position.epoch}, "
                   f"saved on {resumed['world_size']} ranks, now {world.world_size})", flush=True)
+            if changed:
+                print("resumed with " + ", ".join(f"{k} {then} -> {now}" for k, (then, now) in changed.items()),
+                      flush=True)
         saved_samples = resumed.get("num_samples", len(source))
         if saved_samples != len(source):
             # Not an error: a few files removed or added must not stop a 3-week run. But each epoch's
@@ -212,7 +209,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
     def train_state() -> dict:
         return {"data": {"epoch": position.epoch, "offset": position.offset}, "num_samples": len(source),
                 "bad_samples": bad_samples, "skipped_in_a_row": in_a_row,
-                "total_steps": steps, "world_size": world.world_size, "version": vit.__version__,
+                "total_steps": steps, "world_size": world.world_size, "versions": versions(),
                 "config": OmegaConf.to_container(cfg, resolve=True), "classes": source.classes}
 
     # --- the loop --------------------------------------------------------------------------------

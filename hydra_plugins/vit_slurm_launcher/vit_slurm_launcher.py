@@ -4,8 +4,9 @@
   each job's ID, run directory, logs and follow-up commands. `hydra.launcher.wait=true` waits.
 * Every sweep point is validated on the login node before anything is submitted: a bad config, an
   impossible batch split or allocation, a missing dataset, an unsafe job name, a control character
-  bound for the sbatch script, two points sharing a run directory or a run directory that a job still
-  in the queue trains in stops the whole submission.
+  bound for the sbatch script, two points sharing a run directory, a run directory that a job still
+  in the queue trains in, or one whose checkpoints would not resume with the installed versions and
+  this config (`vit.checkpoint.check_resumable`) stops the whole submission.
 * Each point gets a run directory fixed at submission time, so every requeue finds it again.
 * Each point's config is composed once, at submission: every start and requeue of its job runs that
   config (the stock one composes it again from conf/ at each start).
@@ -74,6 +75,7 @@ class VitSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
+        from vit.checkpoint import allow_classes, check_resumable
         from vit.config import ConfigError, validate, validate_submission
         from vit.journal import Journal
         from vit.launch import USER_ERRORS, fail
@@ -107,6 +109,9 @@ class VitSlurmLauncher(SlurmLauncher):
                     raise ConfigError("run_dir", f"{cfg.run_dir} is in use by job {job_id} ({state})",
                                       f"wait for it to end or scancel {job_id} (a run resubmitted later "
                                       "resumes from its checkpoints), or choose another run_dir")
+                # A checkpoint refused after an upgrade fails here, not after hours in the queue.
+                allow_classes(cfg.checkpoint.allowed_classes)
+                check_resumable(cfg.run_dir, cfg)
             except USER_ERRORS as e:
                 fail(e)  # before anything is queued
 
