@@ -33,6 +33,7 @@ import pickle
 import random
 import shutil
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import Future
@@ -319,6 +320,36 @@ class _Pending:
     started: float
 
 
+class _WriterThreads:
+    """DCP's extra writer threads (thread_count > 1) report a failure only by printing it: a save
+    whose own thread succeeds would then commit a `.metadata` that lacks their shards, and after a
+    failure in the calling thread they are left running, unjoined. Count their failures so that
+    such a save is abandoned, and join them before a failed save is reported and removed."""
+
+    SUFFIX = "(_write_files_from_queue)"  # Python names a thread after its target
+    errors: list[BaseException] = []
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        previous = threading.excepthook
+
+        def hook(args):
+            if args.thread is not None and args.thread.name.endswith(cls.SUFFIX):
+                cls.errors.append(args.exc_value)  # reported once, by the save that owns it
+            else:
+                previous(args)
+        threading.excepthook, cls._installed = hook, True
+
+    @classmethod
+    def join(cls) -> None:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and thread.name.endswith(cls.SUFFIX):
+                thread.join()
+
+
 class Checkpointer:
     """Saves and restores the model, optimizer and train state of every rank. All methods are collective."""
 
@@ -332,6 +363,8 @@ class Checkpointer:
         self.pending: _Pending | None = None
         self.last_save_seconds: float | None = None
         self.refused: set[Path] = set()  # found by retention: then it deletes nothing
+        _WriterThreads.install()
+        self._writer_errors_before = 0
         # Checked once: reading ViT-H's .metadata for 32 ranks takes ~1 s, and retention would re-read
         # every kept checkpoint at each commit while the other ranks wait at the barrier.
         self._known_valid: set[Path] = set()
@@ -360,6 +393,7 @@ class Checkpointer:
         path = self.root / f"step-{step}"
         started = time.monotonic()
         self._journal("checkpoint_begin", step, path=str(path), async_save=self.async_save)
+        self._writer_errors_before = len(_WriterThreads.errors)
         prepare_error = None
         if self.rank == 0:
             try:
@@ -403,6 +437,7 @@ class Checkpointer:
         self._commit(pending.step, pending.path, pending.started)
 
     def _abandon(self, path: Path, error: BaseException) -> None:
+        _WriterThreads.join()
         # DCP hands other ranks' failures over as copies that lose the chained OSError: ask the disk too.
         disk_full = path.exists() and shutil.disk_usage(path).free < (1 << 20)
         barrier()
@@ -415,7 +450,9 @@ class Checkpointer:
         raise kind(f"saving {path} failed ({cause}); {keep}") from error
 
     def _commit(self, step: int, path: Path, started: float) -> None:
-        barrier()  # every rank's shards are written and synced
+        lost = _WriterThreads.errors[self._writer_errors_before:]
+        if not _all_ok(not lost):  # also the barrier: every rank's shards are written and synced
+            self._abandon(path, lost[0] if lost else OSError("another rank's writer thread failed"))
         if self.rank == 0:
             _write_atomic(path / COMPLETE, f"{time.time()}\n")
             _write_atomic(self.root / "latest", path.name + "\n")
