@@ -175,7 +175,7 @@ def test_a_user_error_on_one_rank_only_is_the_runs_status(tmp_path):
     its absence), so a Slurm job stops instead of being requeued as a crash up to the crash-loop limit."""
     make_imagefolder(tmp_path / "data0")
     proc = run_job(tmp_path / "run", "data=imagenet21k", f"data.root={tmp_path}/data${{oc.env:LOCAL_RANK}}",
-                   "data.val_fraction=0", "data.num_workers=0", f"data.num_classes={len(CLASSES)}",
+                   "data.val_per_class=0", "data.num_workers=0", f"data.num_classes={len(CLASSES)}",
                    "data.num_samples=12", "train.global_batch=4", "train.micro_batch=2", "train.steps=2",
                    "optim.warmup_steps=1", nproc=2, check=False)
     assert proc.returncode != 0
@@ -220,7 +220,7 @@ def test_a_checkpoint_counts_the_unreadable_samples_of_every_step_it_holds(tmp_p
     root = make_imagefolder(tmp_path / "train")
     (root / CLASSES[0] / "unreadable.jpg").write_bytes(b"not an image")
     epoch = len(list(root.rglob("*.*")))  # one step is one epoch: the bad file is met once per step
-    run_job(tmp_path / "run", "data=imagenet21k", f"data.root={root}", "data.val_fraction=0", "data.num_workers=0",
+    run_job(tmp_path / "run", "data=imagenet21k", f"data.root={root}", "data.val_per_class=0", "data.num_workers=0",
             f"data.num_classes={len(CLASSES)}", f"data.num_samples={epoch}", "data.max_bad_fraction=0.5",
             f"train.global_batch={epoch}", f"train.micro_batch={epoch}", "train.steps=4", "train.eval_every=0",
             "train.log_every=100", "checkpoint.every_steps=2")
@@ -233,7 +233,7 @@ def test_a_resume_onto_a_changed_dataset_says_so(tmp_path):
     """Each epoch's order is a permutation of the sample count: a file added while the job waited in
     the queue means the epoch cannot continue exactly, which the run must say, not hide."""
     root = make_imagefolder(tmp_path / "train")
-    args = ["data=imagenet21k", f"data.root={root}", "data.val_fraction=0", "data.num_workers=0",
+    args = ["data=imagenet21k", f"data.root={root}", "data.val_per_class=0", "data.num_workers=0",
             f"data.num_classes={len(CLASSES)}", "data.num_samples=12", "train.global_batch=4", "train.micro_batch=4",
             "train.eval_every=0", "checkpoint.every_steps=2", "optim.warmup_steps=1"]
     run_job(tmp_path / "run", *args, "train.steps=2")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from omegaconf import DictConfig, OmegaConf
 
@@ -149,7 +150,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, world_size)
 
     from vit.data.sources import check_data, expected_train_samples  # DataError: one line naming the key
-    check_data(cfg.data)
+    found = check_data(cfg.data)
+    if os.environ.get("RANK", "0") == "0":
+        print(found, flush=True)  # the first log line: what data.root turned out to hold
 
     steps = total_steps(cfg, expected_train_samples(cfg.data))
     if cfg.optim.warmup_steps >= steps:
