@@ -114,8 +114,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {betas}", "set e.g. [0.9,0.999]")
-    for key, value in (("train.label_smoothing", cfg.train.label_smoothing), ("model.drop_path_rate",
-                                                                               cfg.model.drop_path_rate)):
+    for key, value in (("train.label_smoothing", cfg.train.label_smoothing),
+                       ("model.drop_path_rate", cfg.model.drop_path_rate),
+                       ("model.dropout_rate", cfg.model.get("dropout_rate", 0.0))):
         if not 0 <= value < 1:
             raise ConfigError(key, f"must be in [0, 1), got {value}", f"set e.g. {key}=0.1")
     if cfg.train.steps is not None and (type(cfg.train.steps) is not int or cfg.train.steps < 1):

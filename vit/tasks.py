@@ -113,7 +113,8 @@ class Classification(Task):
     def build_model(self, num_classes: int) -> nn.Module:
         cfg = self.cfg
         return build_model(cfg.model.name, num_classes, img_size=cfg.data.img_size,
-                           drop_path_rate=cfg.model.drop_path_rate, grad_checkpointing=cfg.model.grad_checkpointing,
+                           drop_path_rate=cfg.model.drop_path_rate, dropout_rate=cfg.model.get("dropout_rate", 0.0),
+                           grad_checkpointing=cfg.model.grad_checkpointing,
                            sigmoid_head=cfg.train.loss == "sigmoid")
 
     def flops_per_image(self, num_classes: int) -> float:
