@@ -584,7 +584,9 @@ def test_benchmark_tiny_mode_runs(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/data.py", "--tiny", "--dir", str(tmp_path / "bench")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "img/s per core" in proc.stdout and "ratio ours/torchvision" in proc.stdout
+    assert "img/s per core" in proc.stdout and "index build of 8 images: imagefolder" in proc.stdout
+    ratios = next(line for line in proc.stdout.splitlines() if line.startswith("ratio ours/torchvision: "))
+    assert all(f"{layout} " in ratios for layout in ("imagefolder", "synset_tars", "timm_jpg", "timm_webp"))
 
 
 STOP_WITH_WORKERS = """

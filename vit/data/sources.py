@@ -120,7 +120,7 @@ def build_source(data_cfg: Mapping, split: str, cache_dir: str | None = None) ->
         return _nonempty(_open(fmt, "data.val_root", val_root, transform, cache_dir, source.classes),
                          "data.val_root", val_root)
     splits = getattr(source, "splits", None) or {}
-    train = splits.get("train", np.setdiff1d(np.arange(len(source)), splits.get("val", [])))
+    train = splits["train"] if "train" in splits else np.setdiff1d(np.arange(len(source)), splits.get("val", []))
     if not len(train):
         raise DataError(f"data.root: {root} has validation shards only; point it at the folder with the train shards")
     if val_root or "val" in splits:
