@@ -118,14 +118,15 @@ def build_source(data_cfg: Mapping, split: str, cache_dir: str | None = None) ->
     _check_num_classes(data_cfg, len(source.classes), root)
     if split == "val" and val_root:
         return _nonempty(_open(fmt, "data.val_root", val_root, transform, cache_dir, source.classes),
-                         "data.val_root", val_root)
+                         "data.val_root", val_root, "give it images")
     splits = getattr(source, "splits", None) or {}
     train = splits["train"] if "train" in splits else np.setdiff1d(np.arange(len(source)), splits.get("val", []))
     if not len(train):
         raise DataError(f"data.root: {root} has validation shards only; point it at the folder with the train shards")
     if val_root or "val" in splits:
         if split == "val":
-            return _nonempty(Subset(source, splits["val"]), "data.root", f"the validation shards of {root}")
+            return _nonempty(Subset(source, splits["val"]), "data.root", f"the validation shards of {root}",
+                             "give them samples")
         return Subset(source, train) if splits else source
     held_out = _held_out(data_cfg, source, train)
     if split == "val" and held_out is None:
@@ -135,8 +136,10 @@ def build_source(data_cfg: Mapping, split: str, cache_dir: str | None = None) ->
         return Subset(source, train) if splits else source
     if split == "train":
         return Subset(source, train[~held_out])
-    key = "data.val_per_class" if data_cfg.get("val_per_class") else "data.val_fraction"
-    return _nonempty(Subset(source, train[held_out]), key, f"the hold-out of {root}")
+    if data_cfg.get("val_fraction"):
+        return _nonempty(Subset(source, train[held_out]), "data.val_fraction", f"the hold-out of {root}", "raise it")
+    return _nonempty(Subset(source, train[held_out]), "data.val_per_class", f"the hold-out of {root}",
+                     "it takes at most half of a class, so classes of one image give none; set data.val_root")
 
 
 def _held_out(data_cfg: Mapping, source, candidates: np.ndarray) -> np.ndarray | None:
@@ -150,11 +153,11 @@ def _held_out(data_cfg: Mapping, source, candidates: np.ndarray) -> np.ndarray |
     return per_class_holdout(hashes, source.sample_labels()[candidates], per_class)
 
 
-def _nonempty(source, key: str, what: str):
+def _nonempty(source, key: str, what: str, fix: str):
     """An empty val split would evaluate to NaN: an error before training instead."""
     if not len(source):
-        raise DataError(f"{key}: {what} holds no samples, so the val split is empty; "
-                        f"{'raise it' if 'hold-out' in what else 'give it samples'}, or set train.eval_every=0")
+        raise DataError(f"{key}: {what} holds no samples, so the val split is empty; {fix}, "
+                        "or set train.eval_every=0")
     return source
 
 
@@ -165,7 +168,7 @@ def expected_train_samples(data_cfg: Mapping) -> int:
     if _format(data_cfg) in ("synthetic", "coco", "ade20k") or data_cfg.get("val_root"):
         return count
     per_class = _val_per_class(data_cfg)
-    if per_class and data_cfg.get("num_classes"):
+    if per_class and data_cfg.get("num_classes"):  # at most half of a class is held out
         return max(count - per_class * int(data_cfg["num_classes"]), count // 2)
     return round(count * (1 - _val_fraction(data_cfg)))
 
