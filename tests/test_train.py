@@ -42,6 +42,33 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
     assert len(names) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_and_cutmix_mix_images_and_labels_alike(mixup, cutmix):
+    from vit.tasks import classification_loss, mix_batch
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    for _ in range(20):
+        mixed, targets = mix_batch(images, labels, 5, mixup, cutmix)
+        assert torch.allclose(targets.sum(1), torch.ones(4)) and targets[:, 4].eq(0).all()
+        lam = targets[0, 0].item()  # image 0 is mixed with image 3, the batch reversed
+        assert targets[0, 3].item() == pytest.approx(1 - lam)
+        if cutmix and not torch.allclose(mixed, images * lam + images.flip(0) * (1 - lam), atol=1e-6):
+            from_other = (mixed[0] == images[3]).all(0) & (mixed[0] != images[0]).all(0)
+            assert from_other.float().mean().item() == pytest.approx(1 - lam)  # the box's share of the area
+        else:
+            torch.testing.assert_close(mixed, images * lam + images.flip(0) * (1 - lam))
+    logits = torch.randn(4, 5)
+    soft = classification_loss(logits, targets, "softmax", 0.1)
+    expected = -(((targets * 0.9 + 0.1 / 5) * logits.log_softmax(-1)).sum(-1)).mean()
+    torch.testing.assert_close(soft, expected)
+
+
+def test_a_run_with_mixup_and_cutmix_trains(tmp_path):
+    run_job(tmp_path / "run", "train.steps=3", "train.mixup=0.8", "train.cutmix=1.0", "train.eval_every=0")
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3] and all(v == v for v in losses(tmp_path / "run").values())
+
+
 def test_accumulation_is_derived_and_impossible_splits_are_rejected():
     assert accumulation_steps(2048, 32, 32) == 2
     assert accumulation_steps(2048, 64, 32) == 1
@@ -154,6 +181,7 @@ def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(t
     ("train.label_smoothing=1.5", "train.label_smoothing"),
     ("model.drop_path_rate=1.0", "model.drop_path_rate"),
     ("model.dropout_rate=1.0", "model.dropout_rate"),
+    ("train.mixup=-0.2", "train.mixup"),
     ("optim.betas=[0.9,1.5]", "optim.betas"),
     ("optim.weight_decay=-0.5", "optim.weight_decay"),
     ("optim.schedule=step +optim.milestones=[0.5,0.8]", "optim.gamma"),

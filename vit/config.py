@@ -119,6 +119,10 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                        ("model.dropout_rate", cfg.model.get("dropout_rate", 0.0))):
         if not 0 <= value < 1:
             raise ConfigError(key, f"must be in [0, 1), got {value}", f"set e.g. {key}=0.1")
+    for key in ("mixup", "cutmix"):
+        if not (cfg.train.get(key) or 0) >= 0:
+            raise ConfigError(f"train.{key}", f"must be >= 0 (a Beta alpha; 0: off), got {cfg.train.get(key)}",
+                              f"set e.g. train.{key}=0.8")
     if cfg.train.steps is not None and (type(cfg.train.steps) is not int or cfg.train.steps < 1):
         raise ConfigError("train.steps", f"must be a positive integer or null, got {cfg.train.steps!r}",
                           "set train.steps, or null to train for train.epochs")
