@@ -1,4 +1,5 @@
-"""Tiny real-format datasets for the data-pipeline tests: PIL-written JPEGs in ImageFolder trees, and
+"""Tiny real-format datasets for the data-pipeline tests: PIL-written JPEGs in ImageFolder trees, the
+ImageNet-21K distributions (fall11's per-synset tars, timm's WebDataset shards, ImageNet-21K-P), and
 COCO / ADE20K trees whose objects and regions have one colour per class, so that tiny detectors and
 segmenters can learn them."""
 from __future__ import annotations
@@ -7,6 +8,7 @@ import io
 import json
 import math
 import os
+import tarfile
 import time
 from pathlib import Path
 
@@ -16,14 +18,15 @@ from PIL import Image, ImageDraw
 CLASSES = ("n01440764", "n01443537", "n01484850")
 
 
-def jpeg_bytes(width: int, height: int, seed: int, quality: int = 90) -> bytes:
-    """A smooth colour gradient (so DCT-reduced decoding is comparable) plus mild noise."""
+def jpeg_bytes(width: int, height: int, seed: int, quality: int = 90, fmt: str = "JPEG") -> bytes:
+    """A smooth colour gradient (so DCT-reduced decoding is comparable) plus mild noise, as JPEG
+    (or `fmt`: PNG, WEBP)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
     channels = [np.sin(x * rng.uniform(2, 8) + y * rng.uniform(2, 8) + rng.uniform(0, 6)) for _ in range(3)]
     pixels = 127 + 100 * np.stack(channels, -1) + rng.normal(0, 4, (height, width, 3))
     out = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=quality)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, fmt, quality=quality)
     return out.getvalue()
 
 
@@ -37,6 +40,75 @@ def make_imagefolder(root: Path, classes=CLASSES, per_class: int = 4, seed: int 
                 Image.open(io.BytesIO(data)).save(root / name / f"{name}_{i}.PNG")
             else:
                 (root / name / f"{name}_{i}.JPEG").write_bytes(data)
+    return root
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 1318000000
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_synset_tars(root: Path, classes=CLASSES, per_class: int = 6, outer: str | None = None) -> Path:
+    """fall11's layout: one <wnid>.tar per synset of <wnid>_<id>.JPEG (the last one a PNG, as real JPEG
+    names sometimes hide), in the folder root; with `outer`, those tars inside the release tar
+    root/<outer> instead (returned)."""
+    root.mkdir(parents=True)
+    synset_tars = {}
+    for c, wnid in enumerate(classes):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for i in range(per_class):
+                fmt = "PNG" if i == per_class - 1 else "JPEG"
+                _add(tar, f"{wnid}_{1000 + 37 * i}.JPEG",
+                     jpeg_bytes(36 + 4 * (i % 3), 44 - 4 * (i % 3), seed=c * 100 + i, fmt=fmt))
+        synset_tars[f"{wnid}.tar"] = buffer.getvalue()
+    if outer is None:
+        for name, data in synset_tars.items():
+            (root / name).write_bytes(data)
+        return root
+    with tarfile.open(root / outer, "w") as tar:
+        for name, data in synset_tars.items():
+            _add(tar, name, data)
+    return root / outer
+
+
+def make_timm_wds(root: Path, classes=CLASSES, train_per_class: int = 6, val_per_class: int = 2,
+                  shards: int = 2, image: str = "jpg", info: bool = True) -> Path:
+    """timm's ImageNet-21K WebDataset shards: imagenet22k-{train,validation}-NNNN.tar in one folder,
+    each sample <key>.jpg (or .webp), <key>.cls (the label as text) and <key>.json (label, class_name:
+    the synset, width, height); with `info`, the _info.json naming each split's shards."""
+    root.mkdir(parents=True)
+    splits = {}
+    for split, per_class in (("train", train_per_class), ("validation", val_per_class)):
+        samples = [(c, wnid, i) for i in range(per_class) for c, wnid in enumerate(classes)]
+        names, lengths = [], []
+        for s in range(shards):
+            name = f"imagenet22k-{split}-{s:04d}.tar"
+            part = samples[s::shards]
+            with tarfile.open(root / name, "w") as tar:
+                for c, wnid, i in part:
+                    key = f"{wnid}_{split[0]}{i}"
+                    w, h = 40 + 4 * (i % 3), 36
+                    _add(tar, f"{key}.{image}", jpeg_bytes(w, h, seed=1000 * (split != "train") + 100 * c + i,
+                                                           fmt="WEBP" if image == "webp" else "JPEG"))
+                    _add(tar, f"{key}.cls", str(c).encode())
+                    _add(tar, f"{key}.json", json.dumps({"label": c, "class_name": wnid, "width": w,
+                                                         "height": h}).encode())
+            names.append(name)
+            lengths.append(len(part))
+        splits[split] = {"name": split, "filenames": names, "shard_lengths": lengths, "num_samples": sum(lengths)}
+    if info:
+        (root / "_info.json").write_text(json.dumps({"name": "imagenet-22k-tiny", "splits": splits}))
+    return root
+
+
+def make_21k_p(root: Path, classes=CLASSES, seed: int = 0) -> Path:
+    """ImageNet-21K-P's layout: root/imagenet21k_{train,val}/<wnid>/<wnid>_<id>.JPEG with the same
+    classes, and the imagenet21k_small_classes/ sibling of the classes it dropped."""
+    make_imagefolder(root / "imagenet21k_train", classes, per_class=6, seed=seed)
+    make_imagefolder(root / "imagenet21k_val", classes, per_class=2, seed=seed + 1)
+    make_imagefolder(root / "imagenet21k_small_classes", ("n09999999",), per_class=2, seed=seed + 2)
     return root
 
 

@@ -2,8 +2,12 @@
 sources, the converter, bad files, split and resume determinism through the lead's loader."""
 from __future__ import annotations
 
+import gzip
 import io
+import json
+import math
 import os
+import shutil
 import random
 import resource
 import subprocess
@@ -18,8 +22,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from datasets import CLASSES, backdate, jpeg_bytes, make_imagefolder
-from vit.data import imagefolder, transforms
+from datasets import CLASSES, backdate, jpeg_bytes, make_21k_p, make_imagefolder, make_synset_tars, make_timm_wds
+from helpers import run_job
+from vit.data import imagefolder, synset_tars, transforms
 from vit.data.imagefolder import ImageFolder
 from vit.data.loader import DataPosition, RankBatches, build_loader, epoch_order, sample_seed
 from vit.data.shards import Shards, convert
@@ -256,8 +261,11 @@ def real_sources(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
     root = make_imagefolder(tmp / "train", per_class=6)  # 18 samples
     convert(str(root), str(tmp / "shards"), samples_per_shard=7, workers=2)
-    return {fmt: build_source(cfg(fmt, tmp / name), "train") for fmt, name in
-            [("imagefolder", "train"), ("shards", "shards")]}
+    make_synset_tars(tmp / "fall11", per_class=6, outer="fall11_whole.tar")
+    make_timm_wds(tmp / "wds", train_per_class=6, image="webp")
+    return {fmt: build_source(cfg("auto", tmp / name), "train") for fmt, name in
+            [("imagefolder", "train"), ("shards", "shards"), ("synset_tars", "fall11/fall11_whole.tar"),
+             ("timm_webp", "wds")]}
 
 
 def global_batches(source, world_size: int, start: DataPosition, steps: int, workers: int = 0):
@@ -272,7 +280,7 @@ def global_batches(source, world_size: int, start: DataPosition, steps: int, wor
     return out
 
 
-@pytest.mark.parametrize("fmt", ["imagefolder", "shards"])
+@pytest.mark.parametrize("fmt", ["imagefolder", "shards", "synset_tars", "timm_webp"])
 def test_ranks_are_disjoint_and_cover_the_epoch(real_sources, fmt):
     n = len(real_sources[fmt])
     steps = n // 4  # global batch 4: 16 of the 18 samples per epoch, 2 dropped
@@ -282,7 +290,7 @@ def test_ranks_are_disjoint_and_cover_the_epoch(real_sources, fmt):
     assert sorted(seen[0] + seen[1]) == sorted((0, int(i)) for i in epoch_order(n, 7, 0)[:16])
 
 
-@pytest.mark.parametrize("fmt", ["imagefolder", "shards"])
+@pytest.mark.parametrize("fmt", ["imagefolder", "shards", "synset_tars", "timm_webp"])
 def test_resume_mid_epoch_across_world_sizes_is_bitwise_identical(real_sources, fmt):
     source = real_sources[fmt]
     reference = global_batches(source, world_size=1, start=DataPosition(), steps=5)  # crosses an epoch
@@ -395,8 +403,6 @@ def test_check_data_errors_are_one_line_and_name_the_key(tmp_path):
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "n02000000").mkdir()
     (tmp_path / "val" / "n02000000" / "x.jpg").write_bytes(jpeg_bytes(20, 20, 0))
-    (tmp_path / "no_classes_json").mkdir()
-    (tmp_path / "no_classes_json" / "shard-000000.tar").write_bytes(b"")
     def expect(config, key, fix):
         with pytest.raises(DataError) as error:
             check_data(config)
@@ -404,9 +410,8 @@ def test_check_data_errors_are_one_line_and_name_the_key(tmp_path):
         assert message.startswith(key) and fix in message and "\n" not in message, message
 
     expect(cfg("imagefolder", tmp_path / "missing"), "data.root: ", "does not exist")
-    expect(cfg("imagefolder", root, num_classes=21841), "data.num_classes: ", "set data.num_classes: 3")
+    expect(cfg("imagefolder", root, num_classes=21841), "data.num_classes: ", "set data.num_classes=3")
     expect(cfg("imagefolder", root, val_root=str(tmp_path / "val")), "data.val_root: ", "data.root lacks")
-    expect(cfg("shards", tmp_path / "no_classes_json"), "data.root: ", "classes.json is missing")
     expect(cfg("shards", root), "data.root: ", "no .tar shards")
     expect({"format": "tfrecord"}, "data.format: ", "not one of")
     expect({"format": "imagefolder", "img_size": SIZE}, "data.root ", "not set")
@@ -422,13 +427,166 @@ def test_check_data_does_not_list_the_images(tmp_path, monkeypatch):
     assert not (root / ".imagefolder-index.npz").exists()
 
 
+# ---------------------------------------------------------------- ImageNet-21K as it is distributed
+
+# name -> (data.root, other data keys, what auto detection says, train size, val size); 3 synsets
+DISTRIBUTIONS = {
+    "fall11 release tar": ("fall11/fall11_whole.tar", {}, "an outer tar of per-synset tars", 12, 6),
+    "per-synset tars": ("synsets", {}, "a folder of 3 per-synset tars", 12, 6),
+    "timm shards": ("timm", {}, "4 WebDataset shards, 2 train and 2 val shards", 18, 6),
+    "timm webp shards, no _info.json": ("timm-webp", {}, "4 WebDataset shards, 2 train and 2 val shards", 18, 6),
+    "ImageNet-21K-P": ("21k-p/imagenet21k_train", {"val_root": "21k-p/imagenet21k_val"},
+                       "an ImageFolder tree of 3 class directories", 18, 6),
+}
+
+
+@pytest.fixture(scope="module")
+def distributions(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("in21k")
+    make_synset_tars(tmp / "fall11", outer="fall11_whole.tar")
+    make_synset_tars(tmp / "synsets")
+    make_timm_wds(tmp / "timm")
+    make_timm_wds(tmp / "timm-webp", image="webp", info=False)
+    make_21k_p(tmp / "21k-p")
+    return tmp
+
+
+def distribution_cfg(tmp: Path, name: str, **extra) -> dict:
+    root, keys = DISTRIBUTIONS[name][:2]
+    return cfg("auto", tmp / root, val_per_class=2, **{k: str(tmp / v) for k, v in keys.items()}, **extra)
+
+
+@pytest.mark.parametrize("name", DISTRIBUTIONS)
+def test_each_distribution_is_read_in_place_with_a_val_split_never_trained_on(distributions, name):
+    config = distribution_cfg(distributions, name, num_classes=3)
+    found, train_size, val_size = DISTRIBUTIONS[name][2:]
+    assert found in check_data(config)
+    train, val = build_source(config, "train"), build_source(config, "val")
+    assert train.classes == val.classes == list(CLASSES)  # the synsets, in label order
+    assert (len(train), len(val)) == (train_size, val_size)
+    seen = {}
+    for split, source in (("train", train), ("val", val)):
+        for i in range(len(source)):
+            image, label = source.load(i, random.Random(i))
+            assert image.shape == (3, SIZE, SIZE) and CLASSES[label] in source.describe(i)  # named by its synset
+            seen.setdefault(split, []).append((source.describe(i), label))
+    assert not {d for d, _ in seen["train"]} & {d for d, _ in seen["val"]}
+    for split in seen:  # every class in both splits, the val split evenly: 2 per class
+        assert sorted(np.bincount([label for _, label in seen[split]])) == [len(seen[split]) // 3] * 3
+    again = build_source(config, "val")
+    assert [again.describe(i) for i in range(len(again))] == [d for d, _ in seen["val"]]
+
+
+@pytest.mark.parametrize("name", DISTRIBUTIONS)
+def test_a_few_steps_train_on_each_distribution(distributions, name, tmp_path):
+    config = distribution_cfg(distributions, name)
+    keys = [f"data.{k}={v}" for k, v in config.items() if k not in ("img_size", "format")]
+    proc = run_job(tmp_path / "run", "data=imagenet21k", *keys, "data.num_classes=3", "data.num_workers=0",
+                   f"data.num_samples={DISTRIBUTIONS[name][3]}", "train.global_batch=4", "train.micro_batch=4",
+                   "train.steps=2", "train.eval_every=2", "optim.warmup_steps=1")
+    assert proc.stdout.splitlines()[0].startswith("data: ") and DISTRIBUTIONS[name][2] in proc.stdout.splitlines()[0]
+    evaluation = json.loads((tmp_path / "run" / "eval" / "latest.json").read_text())
+    assert math.isfinite(evaluation["val_top1"]), evaluation
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/train_state.json")).read_text())
+    assert state["classes"] == list(CLASSES)  # the synset list travels with the checkpoint
+
+
+def test_a_per_class_hold_out_is_the_same_count_per_class_and_keeps_half_of_small_classes(tmp_path):
+    root = make_imagefolder(tmp_path / "train", per_class=9)
+    for k in range(3):  # a synset of 3 images (fall11 has synsets of one): at most half is held out
+        (root / "n09999999").mkdir(exist_ok=True)
+        (root / "n09999999" / f"n09999999_{k}.JPEG").write_bytes(jpeg_bytes(20, 20, k))
+    config = cfg("imagefolder", root, val_per_class=4)
+    val, train = build_source(config, "val"), build_source(config, "train")
+    assert np.bincount(val.source.sample_labels()[val.indices]).tolist() == [4, 4, 4, 1]
+    assert not set(val.indices) & set(train.indices) and len(val) + len(train) == 30
+    assert np.array_equal(build_source(config, "val").indices, val.indices)
+
+
+def test_the_synset_tar_index_is_built_once_beside_the_data_or_in_the_run_dir(tmp_path, monkeypatch):
+    outer = make_synset_tars(tmp_path / "fall11", outer="fall11_whole.tar")
+    indexed = []
+    real_index = synset_tars._index_synset
+    monkeypatch.setattr(synset_tars, "_index_synset", lambda *a: indexed.append(a) or real_index(*a))
+    for _ in range(2):
+        assert len(build_source(cfg("synset_tars", outer), "train")) == 18
+    assert len(indexed) == 3 and (tmp_path / "fall11" / ".synset-index-fall11_whole.tar.npz").exists()
+    folder = make_synset_tars(tmp_path / "synsets")
+    (folder / ".synset-index.npz").mkdir()  # the data refuses the cache file, as a read-only one would
+    for _ in range(2):
+        build_source(cfg("auto", folder), "train", cache_dir=str(tmp_path / "run"))
+    assert len(indexed) == 6 and len(list((tmp_path / "run").glob("synset-index-*.npz"))) == 1
+
+
+def test_imagenet21k_bad_input_is_one_line_naming_the_key_and_the_fix(distributions, tmp_path):
+    def expect(call, config, key, fix):
+        with pytest.raises(DataError) as error:
+            call(config)
+        message = str(error.value)
+        assert message.startswith(key) and fix in message and "\n" not in message, message
+
+    fall11 = distributions / "fall11" / "fall11_whole.tar"
+    gzipped = tmp_path / "winter21_whole.tar.gz"
+    with open(fall11, "rb") as f, gzip.open(gzipped, "wb") as out:
+        shutil.copyfileobj(f, out)
+    extract = f"mkdir -p {tmp_path / 'winter21_whole'} && tar -xzf {gzipped} -C {tmp_path / 'winter21_whole'}"
+    expect(check_data, cfg("auto", gzipped), "data.root: ", extract)
+    expect(check_data, cfg("synset_tars", gzipped), "data.root: ", extract)
+    expect(check_data, cfg("auto", tmp_path), "data.root: ", extract)  # the folder the download sits in
+
+    expect(check_data, cfg("auto", distributions / "synsets", num_classes=21841), "data.num_classes: ",
+           "is 21841 but " + str(distributions / "synsets") + " has 3 classes; set data.num_classes=3")
+    expect(lambda c: build_source(c, "train"), cfg("auto", fall11, num_classes=19167), "data.num_classes: ",
+           "set data.num_classes=3")  # an outer tar's synsets are known once indexed, still before training
+
+    small = make_imagefolder(tmp_path / "one-image-classes", per_class=1)
+    expect(lambda c: build_source(c, "val"), cfg("auto", small, val_per_class=50), "data.val_per_class: ",
+           "the val split is empty")
+    expect(lambda c: build_source(c, "val"), cfg("auto", small, val_fraction=1e-6), "data.val_fraction: ",
+           "the val split is empty")
+    expect(lambda c: build_source(c, "val"), cfg("auto", small), "data.val_per_class: ", "e.g. data.val_per_class=50")
+
+    expect(check_data, {"format": "synthetic", "root": str(small), "num_samples": 8, "num_classes": 3,
+                        "img_size": SIZE}, "data.root: ", "set data.format=auto")
+
+    parent = distributions / "21k-p"
+    fix = f"set data.root={parent / 'imagenet21k_train'} and data.val_root={parent / 'imagenet21k_val'}"
+    expect(check_data, cfg("auto", parent), "data.root: ", fix)
+    expect(check_data, cfg("imagefolder", parent), "data.root: ", fix)
+
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    shutil.copy(distributions / "timm" / "imagenet22k-train-0000.tar", unnamed / "shard-000000.tar")
+    with tarfile.open(unnamed / "shard-000000.tar", "a") as tar:
+        info = tarfile.TarInfo("n99_x.json")
+        data = json.dumps({"label": 5}).encode()  # a label no sample names
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        image = tarfile.TarInfo("n99_x.jpg")
+        image.size = len(jpeg_bytes(20, 20, 0))
+        tar.addfile(image, io.BytesIO(jpeg_bytes(20, 20, 0)))
+    expect(lambda c: build_source(c, "train"), cfg("auto", unnamed), "data.root: ", "add a classes.json")
+
+
+def test_a_data_root_with_the_synthetic_format_fails_in_one_line(tmp_path):
+    """`experiment=smoke data.root=X` trained on generated images and ignored X without a word."""
+    root = make_imagefolder(tmp_path / "train")
+    proc = subprocess.run([sys.executable, "jobs/pretrain.py", "experiment=smoke", f"run_dir={tmp_path / 'run'}",
+                           f"data.root={root}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: data.root: {root} is set, but data.format=synthetic trains on generated images; "
+        "set data.format=auto to train on it, or data.root=null"], proc.stderr
+
+
 # ---------------------------------------------------------------- benchmark
 
 def test_benchmark_tiny_mode_runs(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/data.py", "--tiny", "--dir", str(tmp_path / "bench")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "img/s per core" in proc.stdout and "ratio ours/torchvision" in proc.stdout
+    assert "img/s per core" in proc.stdout and "index build of 8 images: imagefolder" in proc.stdout
+    ratios = next(line for line in proc.stdout.splitlines() if line.startswith("ratio ours/torchvision: "))
+    assert all(f"{layout} " in ratios for layout in ("imagefolder", "synset_tars", "timm_jpg", "timm_webp"))
 
 
 STOP_WITH_WORKERS = """

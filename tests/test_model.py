@@ -65,10 +65,27 @@ def test_init_scheme():
     assert model.pos_embed.std().item() == pytest.approx(0.02 * 0.88, rel=0.05)  # truncation shrinks the std
     assert model.cls_token.abs().max() <= 0.04  # truncated at 2 std
     assert torch.count_nonzero(model.head.weight) == 0
-    fan_in, fan_out = 384, 384 * 3
-    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.05)
+    # q, k and v each as JAX's own Dense layer: Xavier with the fan of a 384 x 384 part, not of the fused 1152 x 384
+    parts = model.blocks[0].attn.qkv.weight.chunk(3)
+    for part in parts:
+        assert part.std().item() == pytest.approx((2 / (384 + 384)) ** 0.5, rel=0.05)
+        assert part.abs().max() <= (6 / (384 + 384)) ** 0.5
+    assert not torch.equal(parts[0], parts[1])
     sigmoid = build_model("vit_tiny_patch16", num_classes=100, sigmoid_head=True)
     assert sigmoid.head.bias[0].item() == pytest.approx(-4.6052, abs=1e-3)
+
+
+def test_dropout_is_the_jax_vits_and_only_in_training():
+    """ViT's ImageNet-21K runs used dropout 0.1 (after the position embedding, attention and each MLP layer)."""
+    torch.manual_seed(0)
+    plain = build_model("vit_tiny_patch16", num_classes=5, img_size=32)
+    dropped = build_model("vit_tiny_patch16", num_classes=5, img_size=32, dropout_rate=0.1)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    plain.head.weight.data.normal_()
+    dropped.head.weight.data.copy_(plain.head.weight)
+    assert not torch.equal(dropped.train()(x), dropped(x))
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))
 
 
 def test_grad_checkpointing_gives_the_same_gradients():

@@ -334,13 +334,13 @@ def test_plan_of_the_seed_recipe_on_sg_h100():
                      "planner.mtbi_hours=1"))
     params, tensors, flops = vit_h14_by_hand()
     assert params == 658_743_121 and flops == 1_003_930_713_600  # ~632M without the 21K head
-    # Each epoch is its full global batches of what stays after 0.05% is held out for validation.
-    steps = 90 * (round(14_197_122 * (1 - 0.0005)) // 2048)
-    assert steps == 623_520 and p["total_steps"] == steps and p["gpus"] == 32
+    # Each epoch is its full global batches of what stays after 2 images per class are held out for validation.
+    steps = 90 * ((14_197_122 - 2 * 21_841) // 2048)
+    assert steps == 621_900 and p["total_steps"] == steps and p["gpus"] == 32
     assert p["params"] == params and p["flops_per_image"] == flops
     assert p["total_flops"] == steps * 2048 * flops
     train_s = steps * 2048 * flops / (32 * 1000e12 * 0.5)
-    assert p["train_s"] == pytest.approx(train_s) and train_s == pytest.approx(80_124, abs=1)  # 22.3 h
+    assert p["train_s"] == pytest.approx(train_s) and train_s == pytest.approx(79_916, abs=1)  # 22.2 h
     assert (p["time_limit_min"], p["allocations"], p["requeues"]) == (2880, 1, 0)
     assert p["checkpoint_bytes"] == 12 * params + 4 * tensors == 7_904_919_020
     assert p["save_s"] == pytest.approx(7.904919020)
@@ -356,7 +356,7 @@ def test_plan_defaults_time_limits_and_local():
     assert DEFAULTS == {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
     assert settings(compose("plan=true")) == DEFAULTS  # the flag leaves the planner defaults alone
     p = plan(compose("cluster=sg_h100", "cluster.time_min=600"))  # 10-hour limit, default MFU 40%
-    train_s = 623_520 * 2048 * 1_003_930_713_600 / (32 * 989e12 * 0.40)
+    train_s = 621_900 * 2048 * 1_003_930_713_600 / (32 * 989e12 * 0.40)
     assert p["allocations"] == math.ceil(train_s / 36_000) == 3 and p["requeues"] == 2
     local = plan(compose())
     assert (local["gpus"], local["time_limit_min"], local["requeues"]) == (1, None, 0)
@@ -366,5 +366,5 @@ def test_plan_cli_prints_and_creates_nothing(tmp_path):
     proc = subprocess.run([sys.executable, "jobs/plan.py", "cluster=sg_h100", f"run_dir={tmp_path / 'never'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "623,520" in proc.stdout and "Young/Daly" in proc.stdout and "7.90 GB" in proc.stdout
+    assert "621,900" in proc.stdout and "Young/Daly" in proc.stdout and "7.90 GB" in proc.stdout
     assert not (tmp_path / "never").exists()

@@ -42,6 +42,33 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
     assert len(names) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_and_cutmix_mix_images_and_labels_alike(mixup, cutmix):
+    from vit.tasks import classification_loss, mix_batch
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    for _ in range(20):
+        mixed, targets = mix_batch(images, labels, 5, mixup, cutmix)
+        assert torch.allclose(targets.sum(1), torch.ones(4)) and targets[:, 4].eq(0).all()
+        lam = targets[0, 0].item()  # image 0 is mixed with image 3, the batch reversed
+        assert targets[0, 3].item() == pytest.approx(1 - lam)
+        if cutmix and not torch.allclose(mixed, images * lam + images.flip(0) * (1 - lam), atol=1e-6):
+            from_other = (mixed[0] == images[3]).all(0) & (mixed[0] != images[0]).all(0)
+            assert from_other.float().mean().item() == pytest.approx(1 - lam)  # the box's share of the area
+        else:
+            torch.testing.assert_close(mixed, images * lam + images.flip(0) * (1 - lam))
+    logits = torch.randn(4, 5)
+    soft = classification_loss(logits, targets, "softmax", 0.1)
+    expected = -(((targets * 0.9 + 0.1 / 5) * logits.log_softmax(-1)).sum(-1)).mean()
+    torch.testing.assert_close(soft, expected)
+
+
+def test_a_run_with_mixup_and_cutmix_trains(tmp_path):
+    run_job(tmp_path / "run", "train.steps=3", "train.mixup=0.8", "train.cutmix=1.0", "train.eval_every=0")
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3] and all(v == v for v in losses(tmp_path / "run").values())
+
+
 def test_accumulation_is_derived_and_impossible_splits_are_rejected():
     assert accumulation_steps(2048, 32, 32) == 2
     assert accumulation_steps(2048, 64, 32) == 1
@@ -153,6 +180,8 @@ def test_fsdp_units_kept_gathered_change_no_number_and_resume_across_wrappings(t
     ("train.global_batch=4096", "train.global_batch"),  # the smoke set has 2048 images
     ("train.label_smoothing=1.5", "train.label_smoothing"),
     ("model.drop_path_rate=1.0", "model.drop_path_rate"),
+    ("model.dropout_rate=1.0", "model.dropout_rate"),
+    ("train.mixup=-0.2", "train.mixup"),
     ("optim.betas=[0.9,1.5]", "optim.betas"),
     ("optim.weight_decay=-0.5", "optim.weight_decay"),
     ("optim.schedule=step +optim.milestones=[0.5,0.8]", "optim.gamma"),
@@ -175,7 +204,7 @@ def test_a_user_error_on_one_rank_only_is_the_runs_status(tmp_path):
     its absence), so a Slurm job stops instead of being requeued as a crash up to the crash-loop limit."""
     make_imagefolder(tmp_path / "data0")
     proc = run_job(tmp_path / "run", "data=imagenet21k", f"data.root={tmp_path}/data${{oc.env:LOCAL_RANK}}",
-                   "data.val_fraction=0", "data.num_workers=0", f"data.num_classes={len(CLASSES)}",
+                   "data.val_per_class=0", "data.num_workers=0", f"data.num_classes={len(CLASSES)}",
                    "data.num_samples=12", "train.global_batch=4", "train.micro_batch=2", "train.steps=2",
                    "optim.warmup_steps=1", nproc=2, check=False)
     assert proc.returncode != 0
@@ -220,7 +249,7 @@ def test_a_checkpoint_counts_the_unreadable_samples_of_every_step_it_holds(tmp_p
     root = make_imagefolder(tmp_path / "train")
     (root / CLASSES[0] / "unreadable.jpg").write_bytes(b"not an image")
     epoch = len(list(root.rglob("*.*")))  # one step is one epoch: the bad file is met once per step
-    run_job(tmp_path / "run", "data=imagenet21k", f"data.root={root}", "data.val_fraction=0", "data.num_workers=0",
+    run_job(tmp_path / "run", "data=imagenet21k", f"data.root={root}", "data.val_per_class=0", "data.num_workers=0",
             f"data.num_classes={len(CLASSES)}", f"data.num_samples={epoch}", "data.max_bad_fraction=0.5",
             f"train.global_batch={epoch}", f"train.micro_batch={epoch}", "train.steps=4", "train.eval_every=0",
             "train.log_every=100", "checkpoint.every_steps=2")
@@ -233,7 +262,7 @@ def test_a_resume_onto_a_changed_dataset_says_so(tmp_path):
     """Each epoch's order is a permutation of the sample count: a file added while the job waited in
     the queue means the epoch cannot continue exactly, which the run must say, not hide."""
     root = make_imagefolder(tmp_path / "train")
-    args = ["data=imagenet21k", f"data.root={root}", "data.val_fraction=0", "data.num_workers=0",
+    args = ["data=imagenet21k", f"data.root={root}", "data.val_per_class=0", "data.num_workers=0",
             f"data.num_classes={len(CLASSES)}", "data.num_samples=12", "train.global_batch=4", "train.micro_batch=4",
             "train.eval_every=0", "checkpoint.every_steps=2", "optim.warmup_steps=1"]
     run_job(tmp_path / "run", *args, "train.steps=2")

@@ -769,9 +769,9 @@ def check_resumable(run_dir: str | os.PathLike, cfg=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vit.checkpoint", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="consolidate a checkpoint's model into one safetensors file")
+    ex = sub.add_parser("export", help="consolidate a checkpoint's model for timm (vit/export.py)")
     ex.add_argument("checkpoint", help="a step-N directory, or a run directory (newest valid checkpoint)")
-    ex.add_argument("out")
+    ex.add_argument("out", help="a folder timm loads as local-dir:OUT, or one .safetensors file")
     ls = sub.add_parser("ls", help="list a run's checkpoints with step, time, size, versions and validity")
     ls.add_argument("run_dir")
     ls.add_argument("--json", action="store_true")
@@ -782,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            print(export_safetensors(args.checkpoint, args.out))
+            from vit.export import export
+            print(export(args.checkpoint, args.out))
             return 0
         if args.command == "check":
             cfg = OmegaConf.load(args.config) if args.config else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from omegaconf import DictConfig, OmegaConf
 
@@ -143,10 +144,15 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {betas}", "set e.g. [0.9,0.999]")
-    for key, value in (("train.label_smoothing", cfg.train.label_smoothing), ("model.drop_path_rate",
-                                                                               cfg.model.drop_path_rate)):
+    for key, value in (("train.label_smoothing", cfg.train.label_smoothing),
+                       ("model.drop_path_rate", cfg.model.drop_path_rate),
+                       ("model.dropout_rate", cfg.model.get("dropout_rate", 0.0))):
         if not 0 <= value < 1:
             raise ConfigError(key, f"must be in [0, 1), got {value}", f"set e.g. {key}=0.1")
+    for key in ("mixup", "cutmix"):
+        if not (cfg.train.get(key) or 0) >= 0:
+            raise ConfigError(f"train.{key}", f"must be >= 0 (a Beta alpha; 0: off), got {cfg.train.get(key)}",
+                              f"set e.g. train.{key}=0.8")
     if cfg.train.steps is not None and (type(cfg.train.steps) is not int or cfg.train.steps < 1):
         raise ConfigError("train.steps", f"must be a positive integer or null, got {cfg.train.steps!r}",
                           "set train.steps, or null to train for train.epochs")
@@ -179,7 +185,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, world_size)
 
     from vit.data.sources import check_data, expected_train_samples  # DataError: one line naming the key
-    check_data(cfg.data)
+    found = check_data(cfg.data)
+    if os.environ.get("RANK", "0") == "0":
+        print(found, flush=True)  # the first log line: what data.root turned out to hold
 
     steps = total_steps(cfg, expected_train_samples(cfg.data))
     if cfg.optim.warmup_steps >= steps:

@@ -7,7 +7,7 @@ in both directions. Variants are data (a table of widths and depths), not code.
 Initialisation (big_vision / JAX-ViT style, chosen because it trains stably at ViT-H scale
 without per-layer tuning):
   * linear layers: Xavier-uniform weights, zero bias (the MLP's fc1/fc2 bias gets a tiny normal
-    so that the biases are not exactly symmetric);
+    so that the biases are not exactly symmetric); the fused qkv as three D x D layers, as JAX's;
   * patch embedding: LeCun-normal on the flattened kernel (it is a linear layer on patches);
   * class token and position embedding: normal with std 0.02 truncated at 2 std;
   * LayerNorm: ones and zeros;
@@ -72,14 +72,21 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        x = dropout(self.act(self.fc1(x)), self.dropout, self.training)
+        return dropout(self.fc2(x), self.dropout, self.training)
+
+
+def dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """JAX ViT's dropout (after the position embedding, the attention and each MLP layer); free at 0."""
+    return F.dropout(x, rate, training) if rate and training else x
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -91,18 +98,19 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float = 0.0, dropout_rate: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, mlp_dim)
-        self.drop_path_rate = drop_path_rate
+        self.mlp = Mlp(dim, mlp_dim, dropout_rate)
+        self.drop_path_rate, self.dropout_rate = drop_path_rate, dropout_rate
         # Recompute this block's activations in backward; set per block by `set_grad_checkpointing`.
         self.grad_checkpointing = False
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        h = dropout(self.attn(self.norm1(x)), self.dropout_rate, self.training)
+        x = x + drop_path(h, self.drop_path_rate, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +121,7 @@ class Block(nn.Module):
 
 class VisionTransformer(nn.Module):
     def __init__(self, variant: Variant, num_classes: int = IN21K_CLASSES, img_size: int = 224,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, dropout_rate: float = 0.0):
         super().__init__()
         if img_size % variant.patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch size {variant.patch_size}")
@@ -127,7 +135,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2 + 1, dim))
         # Linearly increasing drop-path rate with depth, as in DeiT / ViTDet.
         rates = [drop_path_rate * i / max(variant.depth - 1, 1) for i in range(variant.depth)]
-        self.blocks = nn.ModuleList(Block(dim, variant.num_heads, variant.mlp_dim, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(dim, variant.num_heads, variant.mlp_dim, r, dropout_rate) for r in rates)
+        self.dropout_rate = dropout_rate
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -148,6 +157,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = dropout(x, self.dropout_rate, self.training)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -161,7 +171,13 @@ def init_trunk(model: nn.Module) -> None:
     """The scheme above for every linear and norm layer, the patch embedding and `pos_embed` of a
     ViT (also the dense-prediction trunk in vit/dense.py)."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) and name.endswith("attn.qkv"):
+            # JAX's q, k and v are three Dense layers: Xavier on each D x D part's own fan. On the
+            # fused 3D x D weight the fan would be 4D, not 2D, and every weight sqrt(2) too small.
+            for part in m.weight.chunk(3):
+                nn.init.xavier_uniform_(part)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if ".mlp." in f".{name}.":
                 nn.init.normal_(m.bias, std=1e-6)
@@ -182,12 +198,12 @@ def _trunc_normal(t: torch.Tensor, std: float) -> None:
 
 
 def build_model(name: str, num_classes: int = IN21K_CLASSES, *, img_size: int = 224,
-                drop_path_rate: float = 0.0, grad_checkpointing: int | bool = False,
+                drop_path_rate: float = 0.0, dropout_rate: float = 0.0, grad_checkpointing: int | bool = False,
                 sigmoid_head: bool = False) -> VisionTransformer:
     """Build and initialise a registered variant. Under `torch.device("meta")` nothing is allocated."""
     if name not in VARIANTS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(VARIANTS)}")
-    model = VisionTransformer(VARIANTS[name], num_classes, img_size, drop_path_rate)
+    model = VisionTransformer(VARIANTS[name], num_classes, img_size, drop_path_rate, dropout_rate)
     if not any(p.is_meta for p in model.parameters()):
         model.init_weights(sigmoid_head=sigmoid_head)
     model.set_grad_checkpointing(grad_checkpointing)

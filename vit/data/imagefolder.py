@@ -1,4 +1,4 @@
-"""ImageFolder trees (root/<synset>/<image>.jpg|jpeg|png) as a map-style source with a cached file index.
+"""ImageFolder trees (root/<synset>/<image>.jpg|jpeg|png|webp) as a map-style source with a cached file index.
 
 Listing 14M files takes minutes on a parallel file system, so the index is built once, with one
 thread per class directory in flight (os.scandir releases the GIL while the metadata server
@@ -8,7 +8,7 @@ pages stay shared between forked DataLoader workers (Python objects would be cop
 touch, when their reference counts change).
 
 The cache is `<root>/.imagefolder-index.npz` if the root is writable, else
-`<cache_dir>/imagefolder-index-<hash of root path>.npz`. It is trusted while its fingerprint
+`<cache_dir>/imagefolder-index-<hash of root path>.npz` (the run dir; said on stderr). It is trusted while its fingerprint
 matches: the class directory names and each one's mtime. A directory's mtime changes whenever an
 entry in it is created, deleted or renamed, so this catches added/removed images and classes with
 one stat per class (not one per file, which would cost as much as a rebuild). Rewriting an
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -28,7 +29,7 @@ import torch
 
 from vit.data.transforms import open_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INDEX_VERSION = 1
 
 
@@ -84,6 +85,8 @@ def cached_index(root: str, cache_dir: str | None, name: str, fingerprint: str,
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **index)
             os.replace(tmp, path)
+            if path != paths[0]:
+                print(f"{root} is read-only: its index is cached in {path}", file=sys.stderr, flush=True)
             break
         except OSError:  # read-only dataset: try the next location
             if os.path.exists(tmp):
@@ -91,12 +94,22 @@ def cached_index(root: str, cache_dir: str | None, name: str, fingerprint: str,
     return index
 
 
+def map_classes(root: str, own: list[str], classes: list[str] | None) -> tuple[list[str], np.ndarray]:
+    """The class list (`classes`, else the dataset's own) and each own class's label in it."""
+    classes = list(classes) if classes is not None else list(own)
+    position = {c: i for i, c in enumerate(classes)}
+    missing = [c for c in own if c not in position]
+    if missing:
+        raise DataError(f"{root} has {len(missing)} classes that the train classes lack (e.g. {missing[0]})")
+    return classes, np.array([position[c] for c in own], dtype=np.int64)
+
+
 def _stat_mtime(path: str) -> int:
     return os.stat(path).st_mtime_ns
 
 
 def _no_images(class_dir: str) -> DataError:
-    return DataError(f"class directory {class_dir} has no .jpg/.jpeg/.png images; remove it or add images")
+    return DataError(f"class directory {class_dir} has no .jpg/.jpeg/.png/.webp images; remove it or add images")
 
 
 def _visible_image(entry: os.DirEntry) -> bool:
@@ -159,12 +172,7 @@ class ImageFolder:
         self.class_dirs = index["classes"].tolist()
         self.class_offsets, self.names, self.name_offsets = (
             index["class_offsets"], index["names"], index["name_offsets"])
-        self.classes = list(classes) if classes is not None else self.class_dirs
-        position = {c: i for i, c in enumerate(self.classes)}
-        missing = [c for c in self.class_dirs if c not in position]
-        if missing:
-            raise DataError(f"{root} has {len(missing)} classes that the train classes lack (e.g. {missing[0]})")
-        self.dir_labels = np.array([position[c] for c in self.class_dirs], dtype=np.int64)
+        self.classes, self.dir_labels = map_classes(root, self.class_dirs, classes)
 
     def __len__(self) -> int:
         return len(self.name_offsets) - 1
@@ -178,6 +186,9 @@ class ImageFolder:
 
     def label(self, index: int) -> int:
         return int(self.dir_labels[self._class_dir(index)])
+
+    def sample_labels(self) -> np.ndarray:
+        return np.repeat(self.dir_labels, np.diff(self.class_offsets))
 
     def sample_keys(self) -> Iterator[bytes]:
         """Relative paths as bytes, in index order (for a deterministic hold-out split)."""

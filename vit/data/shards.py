@@ -1,4 +1,7 @@
-"""Tar shards in WebDataset layout (shard-000000.tar holding 000123.jpg + 000123.cls, ...), read by index.
+"""Tar shards in WebDataset layout, read by index: ours (shard-000000.tar holding 000123.jpg + 000123.cls,
+and a classes.json) and timm's ImageNet-21K shards (imagenet22k-train-0000.tar and
+imagenet22k-validation-0000.tar in one folder, each sample a .jpg or .webp, a .cls label and a .json
+with class_name, the synset; an _info.json naming each split's shards).
 
 We read the tars ourselves instead of with the `webdataset` library because that library streams:
 a worker reads its shards front to back, so the data position is a per-worker stream offset that
@@ -21,9 +24,11 @@ import io
 import json
 import os
 import random
+import re
 import resource
 import sys
 import tarfile
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -31,11 +36,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from vit.data.imagefolder import DataError, ImageFolder, cached_index
+from vit.data.imagefolder import DataError, ImageFolder, cached_index, map_classes
 from vit.data.transforms import open_image
 
 CLASSES_FILE = "classes.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+INFO_FILES = ("_info.json", "info.json")  # timm's reader_wds looks for them in this order
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # timm's default image keys, and ours
+# timm's shard names (imagenet22k-train-0000.tar, imagenet22k-validation-0000.tar) name their split
+SPLIT_IN_NAME = re.compile(r"[-_.](train|validation|val)[-_.]")
 
 
 def list_shards(root: str) -> list[str]:
@@ -47,13 +55,15 @@ def list_shards(root: str) -> list[str]:
     return shards
 
 
-def read_classes(root: str) -> list[str]:
+def read_classes(root: str) -> list[str] | None:
+    """The class names of classes.json in label order; None without one (labels are then named by
+    the samples' .json class_name, as in timm's ImageNet-21K shards)."""
     path = os.path.join(root, CLASSES_FILE)
     try:
         with open(path) as f:
             classes = json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{path} is missing; it must list the class names in label order (JSON)") from None
+        return None
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is unreadable: {e}") from None
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
@@ -61,8 +71,52 @@ def read_classes(root: str) -> list[str]:
     return classes
 
 
-def _index_shard(path: str) -> tuple[list[bytes], list[int], list[int], list[int]]:
-    """Keys, image data offsets, image sizes and labels of one shard's samples, in tar order."""
+def shard_splits(root: str, shards: list[str]) -> dict[str, list[str]] | None:
+    """Shard names per split ("train", "val") from _info.json/info.json, else from the `-train-` and
+    `-validation-` in their names; None if the folder is one undivided dataset (our converter's)."""
+    for info_file in INFO_FILES:
+        path = os.path.join(root, info_file)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                splits = json.load(f)["splits"]
+            named = {_split_name(name): list(split["filenames"]) for name, split in splits.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path} is not timm's info file ({{splits: {{<split>: {{filenames}}}}}}): {e}") from None
+        missing = sorted(set(n for names in named.values() for n in names) - set(shards))
+        if missing:
+            raise DataError(f"{path} lists {len(missing)} shards that are missing (e.g. {missing[0]}); "
+                            "copy them or remove the info file")
+        return {split: names for split, names in named.items() if split in ("train", "val")}
+    named = {}
+    for shard in shards:
+        match = SPLIT_IN_NAME.search(shard)
+        if match:
+            named.setdefault(_split_name(match.group(1)), []).append(shard)
+    return named or None
+
+
+def _split_name(name: str) -> str:
+    return "val" if name in ("val", "validation") else name
+
+
+def index_in_parallel(pool: ThreadPoolExecutor, index_one, items: list, what: str) -> list:
+    """`index_one` over `items` in the pool, in order, with a progress line on stderr every tenth:
+    indexing 21,841 synset tars or 4,096 shards reads every member header once, minutes on a
+    parallel file system."""
+    out, started, every = [], time.time(), max(1, len(items) // 10)
+    for done, result in enumerate(pool.map(index_one, items), start=1):
+        out.append(result)
+        if done % every == 0 or done == len(items):
+            print(f"indexing {what}: {done}/{len(items)} tars, {sum(len(r[0]) for r in out)} images, "
+                  f"{time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def _index_shard(path: str) -> tuple[list[bytes], list[int], list[int], list[int], dict[int, str]]:
+    """Keys, image data offsets, image sizes and labels of one shard's samples, in tar order, and the
+    class name of each label whose samples carry a .json with class_name."""
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
         with tarfile.open(path, "r:") as tar:  # "r:": random access needs an uncompressed tar
@@ -71,36 +125,50 @@ def _index_shard(path: str) -> tuple[list[bytes], list[int], list[int], list[int
                 stem, dot, ext = base.partition(".")  # WebDataset: the key ends at the first dot
                 if member.isfile() and dot:
                     samples.setdefault(f"{directory}/{stem}" if directory else stem, {})[ext.lower()] = member
-            cls = {key: tar.extractfile(m["cls"]).read() for key, m in samples.items() if "cls" in m}
+            text = {(key, ext): tar.extractfile(m[ext]).read()
+                    for key, m in samples.items() for ext in ("cls", "json") if ext in m}
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"{path} is not a readable uncompressed tar shard: {e}") from None
-    keys, offsets, sizes, labels = [], [], [], []
+    keys, offsets, sizes, labels, names = [], [], [], [], {}
     for key, members in samples.items():
         image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-        if image is None or key not in cls:
-            raise DataError(f"{path}: sample {key} needs an image (.jpg/.jpeg/.png) and a .cls member")
         try:
-            labels.append(int(cls[key]))
-        except ValueError:
-            raise DataError(f"{path}: {key}.cls holds {cls[key][:20]!r}, not an integer label") from None
+            meta = json.loads(text[key, "json"]) if (key, "json") in text else {}
+            label = int(text[key, "cls"]) if (key, "cls") in text else int(meta["label"])
+        except (ValueError, KeyError, TypeError):
+            label = None
+        if image is None or label is None:
+            raise DataError(f"{path}: sample {key} needs an image (.jpg/.jpeg/.png/.webp) and an integer label "
+                            "(a .cls, or a .json with label)")
+        if "class_name" in meta:
+            names[label] = str(meta["class_name"])
         keys.append(key.encode())
         offsets.append(image.offset_data)
         sizes.append(image.size)
-    return keys, offsets, sizes, labels
+        labels.append(label)
+    return keys, offsets, sizes, labels, names
 
 
 def _build_index(root: str, shards: list[str], pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
-    per_shard = list(pool.map(_index_shard, [os.path.join(root, s) for s in shards]))
-    shard_offsets = np.zeros(len(shards) + 1, dtype=np.int64)
-    np.cumsum([len(keys) for keys, *_ in per_shard], out=shard_offsets[1:])
-    column = lambda i, dtype: np.array([v for part in per_shard for v in part[i]], dtype=dtype)  # noqa: E731
-    return {"shards": np.array(shards), "shard_offsets": shard_offsets, "keys": column(0, np.bytes_),
+    per_shard = index_in_parallel(pool, _index_shard, [os.path.join(root, s) for s in shards], root)
+    names = {label: name for *_, shard_names in per_shard for label, name in shard_names.items()}
+    index = samples_index(shards, per_shard)
+    labels = int(index["labels"].max(initial=-1)) + 1
+    return {**index, "class_names": np.array([names.get(label, "") for label in range(labels)], dtype=np.str_)}
+
+
+def samples_index(tars: list[str], per_tar: list[tuple]) -> dict[str, np.ndarray]:
+    """The arrays of TarSamples from each tar's (keys, offsets, sizes, labels, ...)."""
+    tar_offsets = np.zeros(len(tars) + 1, dtype=np.int64)
+    np.cumsum([len(part[0]) for part in per_tar], out=tar_offsets[1:])
+    column = lambda i, dtype: np.array([v for part in per_tar for v in part[i]], dtype=dtype)  # noqa: E731
+    return {"shards": np.array(tars), "shard_offsets": tar_offsets, "keys": column(0, np.bytes_),
             "offsets": column(1, np.int64), "sizes": column(2, np.int64), "labels": column(3, np.int64)}
 
 
-def _fingerprint(root: str, shards: list[str]) -> str:
-    stats = [os.stat(os.path.join(root, s)) for s in shards]
-    return "v1:" + "".join(f"{s}\t{st.st_size}\t{st.st_mtime_ns}\n" for s, st in zip(shards, stats))
+def fingerprint(root: str, files: list[str]) -> str:
+    stats = [os.stat(os.path.join(root, s)) for s in files]
+    return "v2:" + "".join(f"{s}\t{st.st_size}\t{st.st_mtime_ns}\n" for s, st in zip(files, stats))
 
 
 def raise_fd_limit() -> int:
@@ -118,36 +186,29 @@ def raise_fd_limit() -> int:
     return soft
 
 
-class Shards:
-    """Map-style source over a shard directory; `transform(pil_image, rng)` makes the tensor.
+class TarSamples:
+    """Map-style source of images stored whole in tar files under `root`, read by offset.
 
-    `classes` maps the shards' labels (names from their classes.json) onto another class list.
+    `index` holds the tars (`shards`, paths relative to root), where each one's samples start
+    (`shard_offsets`), and per sample its key, data offset, size and label in `own_classes`;
+    `classes` maps those labels onto another class list.
     """
 
-    def __init__(self, root: str, transform, cache_dir: str | None = None, classes: list[str] | None = None,
-                 threads: int = 16):
+    def __init__(self, root: str, transform, index: dict[str, np.ndarray], own_classes: list[str],
+                 classes: list[str] | None, where: str):
         self.root, self.transform = root, transform
-        own_classes = read_classes(root)
-        shards = list_shards(root)
-        with ThreadPoolExecutor(threads) as pool:
-            index = cached_index(root, cache_dir, "shard-index", _fingerprint(root, shards),
-                                 lambda: _build_index(root, shards, pool))
         self.shards, self.shard_offsets = index["shards"].tolist(), index["shard_offsets"]
         self.keys, self.offsets, self.sizes = index["keys"], index["offsets"], index["sizes"]
         labels = index["labels"]
         if not len(labels):
-            raise DataError(f"{root}: the shards hold no samples")
+            raise DataError(f"{where}: the tars hold no images")
         if not 0 <= labels.min() <= labels.max() < len(own_classes):
-            raise DataError(f"{root}: .cls labels run {labels.min()}..{labels.max()} "
-                            f"but {CLASSES_FILE} has {len(own_classes)} classes")
-        self.classes = list(classes) if classes is not None else own_classes
-        position = {c: i for i, c in enumerate(self.classes)}
-        missing = [c for c in own_classes if c not in position]
-        if missing:
-            raise DataError(f"{root} has {len(missing)} classes that the train classes lack (e.g. {missing[0]})")
-        self.labels = np.array([position[c] for c in own_classes], dtype=np.int64)[labels]
-        # Each worker touches every shard in random order, so the cache must hold them all or nearly
-        # every read reopens a shard on the parallel file system: take the hard fd limit (Slurm passes
+            raise DataError(f"{where}: labels run {labels.min()}..{labels.max()} but there are "
+                            f"{len(own_classes)} class names")
+        self.classes, own_labels = map_classes(where, own_classes, classes)
+        self.labels = own_labels[labels]
+        # Each worker touches every tar in random order, so the cache must hold them all or nearly
+        # every read reopens a tar on the parallel file system: take the hard fd limit (Slurm passes
         # on the login node's soft one, often 1024), and keep at most a quarter of it (torch shares
         # tensors between processes through fds too), least recently used closed first.
         self.max_open = max(8, raise_fd_limit() // 4)
@@ -173,8 +234,17 @@ class Shards:
         self._fds[shard] = fd  # (re)inserted last = most recently used
         return fd
 
+    def shard_indices(self, names: list[str]) -> np.ndarray:
+        """The sample indices of the tars `names`."""
+        position = {s: i for i, s in enumerate(self.shards)}
+        return np.concatenate([np.arange(self.shard_offsets[position[n]], self.shard_offsets[position[n] + 1])
+                               for n in names] or [np.zeros(0, dtype=np.int64)])
+
+    def sample_labels(self) -> np.ndarray:
+        return self.labels
+
     def sample_keys(self) -> Iterator[bytes]:
-        """`<shard>/<key>` as bytes, in index order (for a deterministic hold-out split)."""
+        """`<tar>/<key>` as bytes, in index order (for a deterministic hold-out split)."""
         for s, shard in enumerate(self.shards):
             prefix = f"{shard}/".encode()
             for key in self.keys[self.shard_offsets[s]:self.shard_offsets[s + 1]].tolist():
@@ -187,9 +257,30 @@ class Shards:
         size = int(self.sizes[index])
         data = os.pread(self._fd(self._shard(index)), size, int(self.offsets[index]))
         if len(data) != size:
-            raise OSError(f"shard ends {size - len(data)} bytes early")
+            raise OSError(f"tar ends {size - len(data)} bytes early")
         with open_image(io.BytesIO(data)) as img:
             return self.transform(img, rng), int(self.labels[index])
+
+
+class Shards(TarSamples):
+    """A shard directory; class names from its classes.json, else from the samples' .json class_name.
+
+    `splits` holds the sample indices of each split the folder declares (see `shard_splits`), or is None.
+    """
+
+    def __init__(self, root: str, transform, cache_dir: str | None = None, classes: list[str] | None = None,
+                 threads: int = 16):
+        shards = list_shards(root)
+        with ThreadPoolExecutor(threads) as pool:
+            index = cached_index(root, cache_dir, "shard-index", fingerprint(root, shards),
+                                 lambda: _build_index(root, shards, pool))
+        own_classes = read_classes(root) or index["class_names"].tolist()
+        if "" in own_classes:
+            raise DataError(f"{root}: label {own_classes.index('')} has no class name (no sample's .json has "
+                            f"class_name); add a {CLASSES_FILE} listing the class names in label order")
+        super().__init__(root, transform, index, own_classes, classes, root)
+        splits = shard_splits(root, self.shards)
+        self.splits = splits and {split: self.shard_indices(names) for split, names in splits.items()}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -216,7 +307,7 @@ def convert(src: str, out: str, samples_per_shard: int = 10000, workers: int = 8
                 relpath = folder.relpath(i)
                 with open(os.path.join(src, relpath), "rb") as f:
                     data = f.read()
-                ext = "png" if relpath.lower().endswith(".png") else "jpg"
+                ext = {".png": "png", ".webp": "webp"}.get(os.path.splitext(relpath)[1].lower(), "jpg")
                 _add(tar, f"{position:0{width}d}.{ext}", data)
                 _add(tar, f"{position:0{width}d}.cls", str(folder.label(i)).encode())
         os.replace(path + ".tmp", path)  # a killed run leaves no complete-looking partial shard

@@ -165,6 +165,7 @@ class EvalTransform:
                  interpolation: str = "bilinear"):
         self.size, self.resize_to = img_size, math.floor(img_size / crop_pct)
         self.normalize, self.interpolation = _Normalize(mean, std), interpolation
+        self.crop_pct, self.mean, self.std = crop_pct, tuple(mean), tuple(std)  # for an export's pretrained_cfg
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         width, height = img.size
