@@ -121,7 +121,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
             model = task.build_model(num_classes)
         shard_model(model, world, precision, compile_blocks=cfg.model.compile, blocks=task.blocks(model),
                     bf16_root=task.bf16_root, unit_blocks=cfg.fsdp.unit_blocks,
-                    reshard_after_forward=cfg.fsdp.reshard_after_forward)
+                    reshard_after_forward=cfg.fsdp.reshard_after_forward, float8=cfg.train.float8)
         optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
                                     lr_scale=task.lr_scale(model))
         # The same init on every rank needed the same seed; from here on each rank draws its own
