@@ -12,7 +12,8 @@ clocks or in other load on the machine hits both alike.
 
 Rows (`--rows`; CPU default `base`, GPU default all): `base`, `ac` (activation checkpointing),
 `compile` (torch.compile per block), `compile-sac` (compiled, selective activation checkpointing:
-every other block), `compile-float8` (compiled, torchao float8 projections; on CPU emulated), `fsdp-per-block` (FSDP2's defaults, instead of the recipe's
+every other block), `compile-float8` (compiled, torchao float8 projections; on CPU emulated),
+`fsdp-per-block` (FSDP2's defaults, instead of the recipe's
 units of 4 blocks kept gathered: one unit per block, resharded after forward), `no-fsdp` (CPU only:
 our model and step without FSDP2, which isolates FSDP2's own cost; on a GPU its parameters would
 stay fp32, where the loop's run in bf16), `sdpa` (one row per attention backend), `sweep` (micro-batch

@@ -164,8 +164,9 @@ def validate_speed_options(cfg: DictConfig) -> None:
     checkpointing, depth = cfg.model.grad_checkpointing, VARIANTS[cfg.model.name].depth
     if not (isinstance(checkpointing, bool) or checkpointing == "selective"
             or (type(checkpointing) is int and 0 <= checkpointing <= depth)):
-        raise ConfigError("model.grad_checkpointing", f"must be true, false, selective or a block count 0..{depth}, "
-                          f"got {checkpointing!r}", "set model.grad_checkpointing=selective (every other block) or true")
+        raise ConfigError("model.grad_checkpointing", f"must be true, false, selective or a block count "
+                          f"0..{depth}, got {checkpointing!r}",
+                          "set model.grad_checkpointing=selective (every other block) or true")
     if not isinstance(cfg.model.compile, bool):
         raise ConfigError("model.compile", f"must be true or false, got {cfg.model.compile!r}",
                           "set model.compile=true to compile each block")
