@@ -53,7 +53,7 @@ from vit.distributed import close, init_distributed  # noqa: E402
 from vit.metrics import peak_flops  # noqa: E402
 from vit.model import IN21K_CLASSES, build_model, train_flops_per_image  # noqa: E402
 from vit.optim import build_optimizer  # noqa: E402
-from vit.parallel import resolve_precision, shard_model  # noqa: E402
+from vit.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model  # noqa: E402
 from vit.train import train_step  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -170,6 +170,8 @@ def build_ours(args, name: str, row: Row, world):
                     unit_blocks=unit_blocks, reshard_after_forward=reshard, float8=float8,
                     compile_backend=args.compile_backend)
     optimizer = build_optimizer(model, LR, WD)
+    if row.float8:
+        precompute_float8_scales_after_each_step(model, optimizer)
     model.train()
 
     def step(x, y):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from vit.distributed import World
 
@@ -68,3 +69,23 @@ def convert_to_float8(blocks: list[torch.nn.Module], device: torch.device, emula
     config = Float8LinearConfig(enable_fsdp_float8_all_gather=True, emulate=emulate)
     for block in blocks:
         convert_to_float8_training(block, config=config, module_filter_fn=lambda _, name: name in FLOAT8_LINEARS)
+        for name in FLOAT8_LINEARS:
+            block.get_submodule(name)._register_state_dict_hook(_plain_float8_weight)
+
+
+def _plain_float8_weight(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    # DCP pickles a tensor subclass by its class: a checkpoint would hold torchao's weight wrapper and
+    # load only where torchao is imported. It holds the plain fp32 shard it wraps (same storage, so a
+    # load into the state dict still lands in the parameter).
+    weight = state_dict[prefix + "weight"]
+    state_dict[prefix + "weight"] = DTensor.from_local(weight.to_local()._tensor, weight.device_mesh, weight.placements,
+                                                       run_check=False, shape=weight.shape, stride=weight.stride())
+
+
+def precompute_float8_scales_after_each_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """With float8 all-gather, a weight's scale needs its amax over all shards: without this, FSDP2's
+    all-gather of each Float8Linear weight all-reduces its own amax (128 small all-reduces per step
+    for ViT-H); this computes all of them in one, after each optimizer step (torchao's advice)."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    optimizer.register_step_post_hook(lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
