@@ -66,7 +66,9 @@ def convert_to_float8(blocks: list[torch.nn.Module], device: torch.device, emula
                           f"this is {found}", "set train.float8=false (or emulate for a slow CPU dry run)")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    config = Float8LinearConfig(enable_fsdp_float8_all_gather=True, emulate=emulate)
+    # pad_inner_dim: float8 matmuls need inner dimensions in multiples of 16, and the weight
+    # gradient's is the token count: micro-batch x 257 for ViT-H/14 at 224 px, odd for odd micro-batches.
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=True, pad_inner_dim=True, emulate=emulate)
     for block in blocks:
         convert_to_float8_training(block, config=config, module_filter_fn=lambda _, name: name in FLOAT8_LINEARS)
         for name in FLOAT8_LINEARS:
