@@ -38,9 +38,9 @@ def shard_model(model: torch.nn.Module, world: World, precision: str, compile_bl
         convert_to_float8(blocks, world.device, emulate=float8 == "emulate")
     if compile_blocks:
         for block in blocks:
-            # Per block, never per linear (fails under FSDP2, pytorch#139222): the blocks share one
-            # graph (two with drop path: block 0's rate is 0; two more with selective checkpointing),
-            # and FSDP2's hooks stay outside it (dynamo skips them).
+            # Per block, never per linear (fails under FSDP2, pytorch#139222): the blocks share a
+            # graph per combination of drop path on/off (block 0's rate is 0) and checkpointing
+            # on/off, whatever the depth; FSDP2's hooks stay outside them (dynamo skips them).
             block.compile(backend=compile_backend)
     units = [blocks[i:i + unit_blocks] for i in range(0, len(blocks), unit_blocks)]
     for i, unit in enumerate(units):
