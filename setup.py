@@ -23,5 +23,7 @@ setup(
         "matplotlib",  # jobs/status.py --plot
     ],
     # tensorboard is optional for users (jobs/status.py --tensorboard says when it is missing); the tests use it
-    extras_require={"dev": ["pytest>=7", "tensorboard"], "tensorboard": ["tensorboard"]},
+    # torchao: train.float8 only; 0.18.0 is the release tested with torch 2.14 (its float8 API moves)
+    extras_require={"dev": ["pytest>=7", "tensorboard", "torchao==0.18.0"], "tensorboard": ["tensorboard"],
+                    "float8": ["torchao==0.18.0"]},
 )

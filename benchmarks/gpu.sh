@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one prepared run for a single H100/H200, within about 8 minutes.
+# The speed options of ViT-H/14 against timm, in one prepared run of at most 8 minutes on a single
+# H100/H200, printing one table (issue 24): at micro-batch 32, 64 and the recipe's, ours eager,
+# compiled, compiled + selective activation checkpointing and compiled + float8, against timm eager
+# and timm compiled; MFU, images/s, peak memory, ours/timm.
 #
-#   bash benchmarks/gpu.sh          # from the repo root; results under $OUT (DRY=1: tiny, any machine)
+#   bash benchmarks/gpu.sh          # from the repo root; results under $OUT
+#   DRY=1 bash benchmarks/gpu.sh    # the same flow with a tiny model on any machine (CPU: float8
+#                                   # emulated, compile backend aot_eager), to check this script
 #
-# The lent H200's image has torch, timm, numpy, PIL and yaml but not omegaconf, and no package index:
-# carry the git-ignored wheel folder along (device tool: carry [".whl"], holding omegaconf 2.3.0 and
-# antlr4-python3-runtime 4.9.3); they are installed into a temp dir below when omegaconf is missing.
+# The lent H200's image has torch, timm, numpy, PIL and yaml but not omegaconf or torchao, and no
+# package index: carry the git-ignored wheel folder along (device tool: carry [".whl"], holding
+# omegaconf 2.3.0, antlr4-python3-runtime 4.9.3 and torchao, e.g. `pip download torchao==0.18.0
+# --no-deps -d .whl`); they are installed into a temp dir below when either is missing.
 #
-# Order is by value per second: the A/B step rows at sg_h100's micro-batch 64 (base, with the
-# recipe's `fsdp` wrapping; FSDP2's per-block defaults, which it replaces; activation checkpointing;
-# SDPA backends), the micro-batch sweep with and without AC, the torch.compile row (slow to warm up: it
-# gets its own budget), then the checkpoint benchmarks if time is left. On an H200 the same parts
-# (rows at 32, without fsdp-per-block) took 281 s; checkpoint_cuda should take about 2 minutes.
-# Each part runs under `timeout` and its own --time-budget (rows not started in time are listed as
-# skipped, so a part still prints its table), and a failing part does not stop the others.
+# Rows run micro-batch by micro-batch, the recipe's first; compilation (tens of seconds per row on
+# a GPU) is most of the time. The table part runs under `timeout` and its own --time-budget (rows
+# not started in time are listed as skipped, so it still prints its table); the checkpoint
+# benchmark follows only if time is left. BATCHES=32,64 overrides the micro-batches.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench-out}
@@ -53,7 +56,7 @@ if ! "$PY" -c 'import timm' 2>/dev/null; then
   fi
 fi
 "$PY" -c 'import timm; print("timm", timm.__version__)' 2>&1 | tee -a "$OUT/env.txt"
-if ! "$PY" -c 'import omegaconf' 2>/dev/null && compgen -G '.whl/*.whl' > /dev/null; then
+if ! "$PY" -c 'import omegaconf, torchao' 2>/dev/null && compgen -G '.whl/*.whl' > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/vit-deps .whl/*.whl 2>&1 | tail -2 | tee -a "$OUT/env.txt"
   export PYTHONPATH=/tmp/vit-deps${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -63,13 +66,13 @@ fi
 
 # DRY=1: the same flow with tiny models on any machine, to check this script.
 DRY_ARGS=(); [[ -n "${DRY:-}" ]] && DRY_ARGS=(--tiny)
-STEP=(benchmarks/train_step.py --model vit_huge_patch14 "${NO_TIMM[@]}" "${DRY_ARGS[@]}")
-run step_rows 170 "$PY" "${STEP[@]}" --rows base,fsdp-per-block,ac,sdpa --batch 64 --warmup 2 --steps 3 --rounds 4 \
-  --time-budget 130 --out "$OUT/step_rows.md"
-run step_sweep 150 "$PY" "${STEP[@]}" --rows sweep --batches 64,128,192,256 --warmup 1 --steps 2 --rounds 3 \
-  --time-budget 110 --out "$OUT/step_sweep.md"
-run step_compile 170 "$PY" "${STEP[@]}" --rows compile --batch 64 --warmup 2 --steps 3 --rounds 4 \
-  --time-budget 120 --out "$OUT/step_compile.md"
+# No code generation in a dry run: what it checks is the flow (and guards), not the kernels.
+COMPILE_ARGS=(); [[ -n "${DRY:-}" ]] && COMPILE_ARGS=(--compile-backend aot_eager)
+RECIPE_BATCH=$("$PY" -c 'import yaml; print(yaml.safe_load(open("conf/pretrain.yaml"))["train"]["micro_batch"])')
+BATCHES=${BATCHES:-$RECIPE_BATCH,32,64}
+STEP=(benchmarks/train_step.py --model vit_huge_patch14 "${NO_TIMM[@]}" "${DRY_ARGS[@]}" "${COMPILE_ARGS[@]}")
+run speed_options 400 "$PY" "${STEP[@]}" --rows base,compile,compile-sac,compile-float8 --batch "$BATCHES" \
+  --warmup 2 --steps 3 --rounds 3 --time-budget 330 --out "$OUT/speed_options.md"
 # The state in host memory (the disk's part alone), then in GPU memory as the loop saves it (adds
 # the device-to-host copies, and async save's staging into pinned memory). The host-memory part
 # needs no GPU and is measured on CPU machines; here only the GPU part runs, if time is left.
@@ -79,3 +82,5 @@ if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
 fi
 
 echo "done in $((SECONDS - T0))s; results in $OUT" | tee -a "$OUT/summary.txt"
+echo
+cat "$OUT/speed_options.md" 2>/dev/null || echo "no table: see $OUT/speed_options.log"

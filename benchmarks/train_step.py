@@ -11,16 +11,21 @@ host memory is set up as the loop's is (`init_distributed`).
 clocks or in other load on the machine hits both alike.
 
 Rows (`--rows`; CPU default `base`, GPU default all): `base`, `ac` (activation checkpointing),
-`compile` (torch.compile per block), `fsdp-per-block` (FSDP2's defaults, instead of the recipe's
+`compile` (torch.compile per block), `compile-sac` (compiled, selective activation checkpointing:
+every other block), `compile-float8` (compiled, torchao float8 projections; on CPU emulated),
+`fsdp-per-block` (FSDP2's defaults, instead of the recipe's
 units of 4 blocks kept gathered: one unit per block, resharded after forward), `no-fsdp` (CPU only:
 our model and step without FSDP2, which isolates FSDP2's own cost; on a GPU its parameters would
 stay fp32, where the loop's run in bf16), `sdpa` (one row per attention backend), `sweep` (micro-batch
-sweep with and without AC; an implementation that runs out of memory stops there). MFU counts
-model FLOPs (`train_flops_per_image`), so AC's recompute is not credited. Peak memory is this
-implementation's own: the other one's parameters and optimizer state are subtracted.
+sweep with and without AC; an implementation that runs out of memory stops there). `compile-sac` and
+`compile-float8` run ours only: "ours/timm eager" compares every row with timm's `base` row at the
+same micro-batch. MFU counts model FLOPs (`train_flops_per_image`), so AC's recompute is not
+credited. Peak memory is this implementation's own: the other one's parameters and optimizer state
+are subtracted.
 
     python benchmarks/train_step.py                      # CPU: vit_tiny + vit_base, fp32, batch 8
     python benchmarks/train_step.py --rows base,ac,sweep --out bench.md   # GPU: vit_huge bf16
+    python benchmarks/train_step.py --rows base,compile,compile-sac,compile-float8 --batch 32,64   # benchmarks/gpu.sh
     python benchmarks/train_step.py --tiny               # seconds: the test suite's smoke run
 """
 from __future__ import annotations
@@ -48,13 +53,14 @@ from vit.distributed import close, init_distributed  # noqa: E402
 from vit.metrics import peak_flops  # noqa: E402
 from vit.model import IN21K_CLASSES, build_model, train_flops_per_image  # noqa: E402
 from vit.optim import build_optimizer  # noqa: E402
-from vit.parallel import resolve_precision, shard_model  # noqa: E402
+from vit.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model  # noqa: E402
 from vit.train import train_step  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPE = OmegaConf.load(CONF / "pretrain.yaml")
 LR, WD = RECIPE.optim.lr, RECIPE.optim.weight_decay
-EXTRA_ROWS = ("ac", "compile", "fsdp-per-block", "no-fsdp", "sdpa", "sweep")
+EXTRA_ROWS = ("ac", "compile", "compile-sac", "compile-float8", "fsdp-per-block", "no-fsdp", "sdpa", "sweep")
+OURS_ONLY_ROWS = ("compile-sac", "compile-float8")  # timm has no such option: compared with timm's base row
 CPU_ONLY_ROWS = ("no-fsdp",)
 SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")  # cuDNN last: a sticky CUDA error there cannot spoil the others
 
@@ -63,8 +69,9 @@ SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")  # 
 class Row:
     name: str
     batch: int
-    ac: bool = False
+    ac: bool | str = False  # model.grad_checkpointing's values
     compile: bool = False
+    float8: bool = False
     fsdp: tuple[int, bool] | None = None  # (unit_blocks, reshard_after_forward); None: the config's
     shard: bool = True  # False: no FSDP2 at all
     sdpa: str | None = None
@@ -73,7 +80,7 @@ class Row:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="comma list (default: CPU vit_tiny_patch16,vit_base_patch16; GPU vit_huge_patch14)")
-    p.add_argument("--batch", type=int, help="micro-batch (default: CPU 8, GPU 32)")
+    p.add_argument("--batch", help="micro-batch, or a comma list: every row at each (default: CPU 8, GPU 32)")
     p.add_argument("--batches", default="32,48,64,96,128,192,256", help="the sweep row's micro-batches")
     p.add_argument("--steps", type=int, help="timed steps per implementation per round (default: CPU 1, GPU 5)")
     p.add_argument("--warmup", type=int, help="untimed steps per implementation first (default: CPU 1, GPU 3)")
@@ -83,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=IN21K_CLASSES)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-timm", action="store_true", help="run ours only (e.g. timm is not installed)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile rows (the CPU smoke test uses aot_eager: no codegen)")
     p.add_argument("--tiny", action="store_true",
                    help="vit_tiny at 32 px, batch 2, 1 round: a smoke test (or a dry run of other flags)")
     p.add_argument("--time-budget", type=float, help="seconds; rows not started by then are skipped")
@@ -95,7 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
     if args.tiny:  # the model and sizes are forced (a dry run of any command line); the rest are defaults
         defaults = dict(steps=1, warmup=1, rounds=1, rows="base")
-        args.model, args.batch, args.img_size, args.num_classes, args.batches = "vit_tiny_patch16", 2, 32, 10, "2,4"
+        batches = len(set(str(args.batch or 2).split(",")))  # as many micro-batches as asked for, tiny ones
+        args.model, args.img_size, args.num_classes, args.batches = "vit_tiny_patch16", 32, 10, "2,4"
+        args.batch = ",".join(str(2 * (i + 1)) for i in range(batches))
     elif cuda:
         defaults = dict(model="vit_huge_patch14", batch=32, steps=5, warmup=3, rounds=5, rows=",".join(r for r in ("base", *EXTRA_ROWS) if r not in CPU_ONLY_ROWS))
     else:
@@ -103,6 +114,7 @@ def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.batch = list(dict.fromkeys(int(b) for b in str(args.batch).split(",")))
 
 
 def plan_rows(args: argparse.Namespace, cuda: bool) -> list[Row]:
@@ -112,17 +124,24 @@ def plan_rows(args: argparse.Namespace, cuda: bool) -> list[Row]:
         raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))}")
     if cuda and set(wanted) & set(CPU_ONLY_ROWS):
         raise SystemExit(f"rows {', '.join(CPU_ONLY_ROWS)} run on CPU only (--device cpu)")
-    rows = [Row("base", args.batch)] if "base" in wanted else []
-    if "ac" in wanted:
-        rows.append(Row("ac", args.batch, ac=True))
-    if "compile" in wanted:
-        rows.append(Row("compile", args.batch, compile=True))
-    if "fsdp-per-block" in wanted:
-        rows.append(Row("fsdp-per-block", args.batch, fsdp=(1, True)))
-    if "no-fsdp" in wanted:
-        rows.append(Row("no-fsdp", args.batch, shard=False))
-    if "sdpa" in wanted:
-        rows += [Row(f"sdpa-{b.split('_')[0].lower()}", args.batch, sdpa=b) for b in SDPA]
+    rows = []
+    for batch in args.batch:
+        if "base" in wanted:
+            rows.append(Row("base", batch))
+        if "ac" in wanted:
+            rows.append(Row("ac", batch, ac=True))
+        if "compile" in wanted:
+            rows.append(Row("compile", batch, compile=True))
+        if "compile-sac" in wanted:
+            rows.append(Row("compile-sac", batch, ac="selective", compile=True))
+        if "compile-float8" in wanted:
+            rows.append(Row("compile-float8", batch, compile=True, float8=True))
+        if "fsdp-per-block" in wanted:
+            rows.append(Row("fsdp-per-block", batch, fsdp=(1, True)))
+        if "no-fsdp" in wanted:
+            rows.append(Row("no-fsdp", batch, shard=False))
+        if "sdpa" in wanted:
+            rows += [Row(f"sdpa-{b.split('_')[0].lower()}", batch, sdpa=b) for b in SDPA]
     if "sweep" in wanted:
         for ac in (False, True):  # AC's point is a bigger batch: sweep with and without it
             rows += [Row("sweep-ac" if ac else "sweep", int(b), ac=ac) for b in args.batches.split(",")]
@@ -145,9 +164,14 @@ def build_ours(args, name: str, row: Row, world):
         model = build_model(name, args.num_classes, img_size=args.img_size, grad_checkpointing=row.ac)
     unit_blocks, reshard = row.fsdp or (RECIPE.fsdp.unit_blocks, RECIPE.fsdp.reshard_after_forward)
     if row.shard:
+        # float8 on CPU can only be emulated: the same code path, no float8 matmuls
+        float8 = (row.float8 if world.device.type == "cuda" else "emulate") if row.float8 else False
         shard_model(model, world, resolve_precision("auto", world.device), compile_blocks=row.compile,
-                    unit_blocks=unit_blocks, reshard_after_forward=reshard)
+                    unit_blocks=unit_blocks, reshard_after_forward=reshard, float8=float8,
+                    compile_backend=args.compile_backend)
     optimizer = build_optimizer(model, LR, WD)
+    if row.float8:
+        precompute_float8_scales_after_each_step(model, optimizer)
     model.train()
 
     def step(x, y):
@@ -163,7 +187,7 @@ def build_timm(args, name: str, row: Row, device: torch.device):
     model.set_grad_checkpointing(row.ac)
     if row.compile:
         for block in model.blocks:
-            block.compile()  # the same granularity as ours
+            block.compile(backend=args.compile_backend)  # the same granularity as ours
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, fused=True)
     model.train()
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda else nullcontext
@@ -291,7 +315,8 @@ def header(args, device) -> str:
     return (f"train_step benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}, {device_name(device)}, "
             f"torch {torch.__version__}, timm {timm_version}, "
             f"precision {resolve_precision('auto', device)}, {args.img_size} px, {args.num_classes} classes, "
-            f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up\n"
+            f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up, "
+            f"compile backend {args.compile_backend}\n"
             f"command: `python {shlex.join(args.argv)}`")
 
 
@@ -299,14 +324,15 @@ def markdown(records: list[dict]) -> str:
     def f(v, spec):
         return "n/a" if v is None else format(v, spec)
     # "best ms" (fastest round) beside the median: on a shared machine it shows how much is noise.
-    lines = ["| model | row | impl | batch | step ms | best ms | img/s | TFLOP/s | MFU | peak mem GB | ours/timm img/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | row | impl | batch | step ms | best ms | img/s | TFLOP/s | MFU | peak mem GB | ours/timm img/s "
+             "| ours/timm eager |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         if r["status"] in ("ok",) and "images_per_s" in r:
             cells = [f(r["step_ms"], ".1f"), f(r["best_ms"], ".1f"), f(r["images_per_s"], ".2f"), f(r["tflops"], ".3g"),
-                     f(r["mfu"], ".1%"), f(r["peak_mem_gb"], ".1f"), f(r.get("ratio"), ".3f") if "ratio" in r else ""]
+                     f(r["mfu"], ".1%"), f(r["peak_mem_gb"], ".1f"), f(r.get("ratio"), ".3f") if "ratio" in r else "",
+                     f(r.get("vs_timm_eager"), ".3f") if "vs_timm_eager" in r else ""]
         else:
-            cells = [r["status"] + (f": {r['error']}" if r.get("error") else "")] + [""] * 6
+            cells = [r["status"] + (f": {r['error']}" if r.get("error") else "")] + [""] * 7
         lines.append(f"| {r['model']} | {r['row']} | {r['impl']} | {r['batch']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -344,7 +370,8 @@ def main(argv=None) -> int:
     for name in args.model.split(","):
         oom = set()  # implementations that ran out of memory in a sweep: no bigger batch for them
         for row in rows:
-            run_impls = [i for i in impls if not (row.name.startswith("sweep") and (row.name, i) in oom)]
+            run_impls = [i for i in impls if not (row.name.startswith("sweep") and (row.name, i) in oom)
+                         and not (i == "timm" and row.name in OURS_ONLY_ROWS)]
             if not run_impls:
                 continue
             if args.time_budget and time.monotonic() - started > args.time_budget:
@@ -364,6 +391,11 @@ def main(argv=None) -> int:
                     print(f"{name} {row.name} batch {row.batch}: {r['impl']} is out of memory; "
                           "larger batches are skipped for it", flush=True)
             records += recs
+            timm_eager = next((r for r in records if r["model"] == name and r["row"] == "base" and r["impl"] == "timm"
+                               and r["batch"] == row.batch and "images_per_s" in r), None)
+            for r in recs:
+                if r["impl"] == "ours" and "images_per_s" in r and timm_eager:
+                    r["vs_timm_eager"] = r["images_per_s"] / timm_eager["images_per_s"]
             write_table()
             print(markdown(recs).split("\n", 2)[2] + f"   ({time.monotonic() - t:.0f}s)", flush=True)
             ours = next((r for r in recs if "ratio" in r), None)

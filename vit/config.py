@@ -177,6 +177,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if not isinstance(cfg.fsdp.reshard_after_forward, bool):
         raise ConfigError("fsdp.reshard_after_forward", f"must be true or false, got {cfg.fsdp.reshard_after_forward!r}",
                           "set fsdp.reshard_after_forward=true (FSDP2's default) or false")
+    validate_speed_options(cfg)
     validate_schedule(cfg.optim)
     validate_task(cfg)
     if cfg.checkpoint.keep < 2:
@@ -193,6 +194,27 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if cfg.optim.warmup_steps >= steps:
         raise ConfigError("optim.warmup_steps", f"{cfg.optim.warmup_steps} is not shorter than the run ({steps} steps)",
                           "lower optim.warmup_steps or raise train.steps/train.epochs")
+
+
+def validate_speed_options(cfg: DictConfig) -> None:
+    """Compilation, activation checkpointing and float8 (whether the hardware has float8 is checked
+    where the model is built: vit.parallel.convert_to_float8)."""
+    checkpointing, depth = cfg.model.grad_checkpointing, VARIANTS[cfg.model.name].depth
+    if not (isinstance(checkpointing, bool) or checkpointing == "selective"
+            or (type(checkpointing) is int and 0 <= checkpointing <= depth)):
+        raise ConfigError("model.grad_checkpointing", f"must be true, false, selective or a block count "
+                          f"0..{depth}, got {checkpointing!r}",
+                          "set model.grad_checkpointing=selective (every other block) or true")
+    if not isinstance(cfg.model.compile, bool):
+        raise ConfigError("model.compile", f"must be true or false, got {cfg.model.compile!r}",
+                          "set model.compile=true to compile each block")
+    float8 = cfg.train.float8
+    if not (isinstance(float8, bool) or float8 == "emulate"):
+        raise ConfigError("train.float8", f"must be true, false or emulate, got {float8!r}",
+                          "set train.float8=true on an H100/H200, emulate for a CPU dry run, else false")
+    if float8 and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("train.float8", "needs torchao, which is not installed",
+                          "pip install 'torchao==0.18.0', or set train.float8=false")
 
 
 def validate_schedule(optim) -> None:

@@ -82,8 +82,9 @@ class DenseBlock(Block):
         B, N, D = x.shape
         h, padded = window_partition(self.norm1(x).view(B, self.grid, self.grid, D), self.window)
         h = window_unpartition(self.attn(h), self.window, padded, (self.grid, self.grid)).reshape(B, N, D)
-        x = x + drop_path(h, self.drop_path_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        active = self.training and self.drops_path
+        x = x + drop_path(h, self.drop_path_rate, active)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, active)
 
 
 class DenseViT(nn.Module):

@@ -89,9 +89,9 @@ def dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return F.dropout(x, rate, training) if rate and training else x
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample."""
-    if rate == 0.0 or not training:
+def drop_path(x: torch.Tensor, rate: torch.Tensor | float, active: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability `rate`, if `active`."""
+    if not active:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
     return x * keep / (1.0 - rate)
@@ -104,14 +104,20 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, mlp_dim, dropout_rate)
-        self.drop_path_rate, self.dropout_rate = drop_path_rate, dropout_rate
+        self.dropout_rate = dropout_rate  # one value for every block: compiles into a single graph
+        # A 0-d tensor, not a float: torch.compile specialises on float attributes, and the rate grows
+        # with depth, so every block would compile its own graph and those past the recompile limit
+        # (8) would silently run eagerly. Not persistent: the state dict stays timm's.
+        self.register_buffer("drop_path_rate", torch.tensor(float(drop_path_rate)), persistent=False)
+        self.drops_path = drop_path_rate > 0
         # Recompute this block's activations in backward; set per block by `set_grad_checkpointing`.
         self.grad_checkpointing = False
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self.training and self.drops_path
         h = dropout(self.attn(self.norm1(x)), self.dropout_rate, self.training)
-        x = x + drop_path(h, self.drop_path_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        x = x + drop_path(h, self.drop_path_rate, active)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, active)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -148,11 +154,11 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.constant_(self.head.bias, -math.log(self.num_classes) if sigmoid_head else 0.0)
 
-    def set_grad_checkpointing(self, blocks: int | bool = True) -> None:
-        """Recompute activations in the first `blocks` blocks (True: all, False/0: none)."""
-        n = len(self.blocks) if blocks is True else int(blocks)
+    def set_grad_checkpointing(self, blocks: int | bool | str = True) -> None:
+        """Recompute activations in backward: in every block (True), none (False/0), every other one
+        ("selective": blocks 1, 3, 5, ..., as torchtitan's every-2nd-layer option) or the first N."""
         for i, block in enumerate(self.blocks):
-            block.grad_checkpointing = i < n
+            block.grad_checkpointing = i % 2 == 1 if blocks == "selective" else blocks is True or i < int(blocks)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)

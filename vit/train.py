@@ -24,7 +24,7 @@ from vit.distributed import all_reduce_max, all_reduce_sum, barrier, broadcast_o
 from vit.journal import Journal
 from vit.metrics import MetricsLogger
 from vit.optim import build_optimizer, clip_grad_norm_, learning_rate, set_lr
-from vit.parallel import resolve_precision, shard_model
+from vit.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model
 from vit.stop import StopRequest
 from vit.tasks import build_task, classification_loss, write_evaluation
 
@@ -120,9 +120,11 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
             model = task.build_model(num_classes)
         shard_model(model, world, precision, compile_blocks=cfg.model.compile, blocks=task.blocks(model),
                     bf16_root=task.bf16_root, unit_blocks=cfg.fsdp.unit_blocks,
-                    reshard_after_forward=cfg.fsdp.reshard_after_forward)
+                    reshard_after_forward=cfg.fsdp.reshard_after_forward, float8=cfg.train.float8)
         optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
                                     lr_scale=task.lr_scale(model))
+        if cfg.train.float8:
+            precompute_float8_scales_after_each_step(model, optimizer)
         # The same init on every rank needed the same seed; from here on each rank draws its own
         # (drop-path masks), or every rank would drop the same blocks for its own images.
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, world.rank]).generate_state(1)[0]))
