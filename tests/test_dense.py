@@ -146,15 +146,39 @@ def test_vitdet_trains_and_predicts():
                 "labels": torch.tensor([1, 3])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
     model.train()
-    losses = model(list(images), targets)
+    sizes = [(128, 128), (96, 128)]
+    losses = model(images, sizes, targets)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert trunk.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
-        out = model(list(images))
+        out = model(images, sizes)
     assert len(out) == 2 and all(set(o) == {"boxes", "labels", "scores"} for o in out)
     assert all(o["boxes"].shape[1] == 4 and len(o["labels"]) == len(o["scores"]) <= 100 for o in out)
     with pytest.raises(ValueError, match="stride-16"):
         build_detector(DenseViT(TINY, img_size=112, patch_size=14), num_classes=4, img_size=112)
+
+
+def test_detections_are_clipped_to_each_image_not_to_the_padded_canvas():
+    """Two non-square images on 64 x 64 canvases, padded at the bottom / right. Every RPN and box
+    delta grows its box far beyond the canvas (dw, dh are clamped at log(1000/16): x62), so each
+    proposal and each detection covers its whole image: by hand, exactly [0, 0, w, h]. Clipped to
+    the canvas it would be [0, 0, 64, 64]."""
+    torch.manual_seed(0)
+    model = build_detector(DenseViT(TINY, img_size=64, patch_size=16), num_classes=3, img_size=64,
+                           fpn_channels=16, representation_size=32).eval()
+    rpn, box = model.rpn.head, model.roi_heads.box_predictor
+    with torch.no_grad():
+        for layer in (rpn.cls_logits, rpn.bbox_pred, box.cls_score, box.bbox_pred):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        rpn.bbox_pred.bias.view(-1, 4)[:, 2:] = 10.0
+        box.bbox_pred.bias.view(-1, 4)[:, 2:] = 10.0
+        box.cls_score.bias[2] = 6.0  # class 2 at p = 0.99; the others fall under the 0.05 score threshold
+    sizes = [(40, 64), (64, 24)]  # (height, width): a landscape and a portrait image
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), sizes)
+    for (h, w), o in zip(sizes, out):
+        assert o["boxes"].tolist() == [[0.0, 0.0, float(w), float(h)]] and o["labels"].tolist() == [2]

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign
 
 from vit.dense import DenseViT
@@ -74,6 +75,22 @@ class ViTDetBackbone(nn.Module):
 
 
 class ViTDet(FasterRCNN):
+    """Faster R-CNN on canvases the data pipeline has already normalised, resized and padded.
+
+    `forward` takes each image's real (unpadded) size on its canvas and skips torchvision's
+    transform: its sizes would be the canvas, so proposals and detections would be clipped to the
+    padding, where boxes survive NMS and the top-k cut that detectron2 clips away.
+    """
+
+    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None):
+        """images [B, 3, S, S]; image_sizes (height, width) of each image's content at the top left.
+        Training: the dict of losses. Evaluation: per image, boxes in canvas pixels clipped to its size."""
+        batch = ImageList(images, [(int(h), int(w)) for h, w in image_sizes])
+        features = self.backbone(images)
+        proposals, proposal_losses = self.rpn(batch, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        return {**detector_losses, **proposal_losses} if self.training else detections
+
     @property
     def trunk(self) -> DenseViT:
         # A property, not an attribute: the trunk is registered once, as backbone.trunk.

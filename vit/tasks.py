@@ -224,8 +224,9 @@ class CocoDetection(DenseTask):
 
     def loss(self, model: nn.Module, images: torch.Tensor, targets: list[dict]) -> torch.Tensor:
         device = images.device
+        sizes = [t["image_size"] for t in targets]
         targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-        return sum(model(list(images), targets).values())
+        return sum(model(images, sizes, targets).values())
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, source, world: World) -> dict:
@@ -233,11 +234,13 @@ class CocoDetection(DenseTask):
         detections, image_ids = [], []
         split = EvalSplit(source, world, self.cfg.train.micro_batch, self.cfg.data.num_workers)
         for images, targets, keep in split:
-            for out, target, k in zip(model(list(images.to(world.device))), targets, keep):
+            outputs = model(images.to(world.device), [t["image_size"] for t in targets])
+            for out, target, k in zip(outputs, targets, keep):
                 if not k:
                     continue
                 image_ids.append(target["image_id"])
-                # Canvas -> original pixels, clipped to the image: the canvas pads it to a square.
+                # Canvas -> original pixels, clipped again (as detectron2's detector_postprocess): the
+                # model clipped to the resized image, which rounding may leave a pixel larger.
                 boxes = out["boxes"].float().cpu() / target["scale"]
                 width, height = target["size"]
                 boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)

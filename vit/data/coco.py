@@ -7,7 +7,8 @@ Labels are 1..K in category-id order, 0 being background as in torchvision's det
 Every sample is an S x S canvas: the image at the top left, zero padding (after normalisation)
 at the bottom and right, so that a batch stacks. `target["scale"]` is canvas pixels per original
 pixel: eval boxes divided by it are in the JSON's coordinates again, and `target["size"]` (the
-original width and height) bounds them.
+original width and height) bounds them. `target["image_size"]` is the (height, width) of the image's
+content on the canvas: the detector clips proposals and detections to it, never to the padding.
 
 The resize samples only the part of the image that stays on the canvas (PIL's `box`), and JPEGs
 are DCT-reduced first when the resize more than halves them: at LSJ's r = 2 most of the upscaled
@@ -94,7 +95,8 @@ def _read_json(ann_file: Path) -> dict:
 
 
 class CocoDetection:
-    """Map-style detection source: (image [3, S, S], {"boxes", "labels", "image_id", "scale", "size"}).
+    """Map-style detection source: (image [3, S, S], {"boxes", "labels", "image_id", "scale", "size",
+    "image_size"}).
 
     Crowd regions are never targets. Training samples only images with a non-crowd box (as ViTDet
     does: an empty image teaches nothing but background); eval keeps every image.
@@ -161,4 +163,4 @@ class CocoDetection:
         if flip:
             boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
         return image, {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
-                       "image_id": int(image_id), "scale": float(scale), "size": (width, height)}
+                       "image_id": int(image_id), "scale": float(scale), "size": (width, height), "image_size": (h, w)}
