@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from vit.checkpoint import export_safetensors, load_pretrained
 from vit.config import ConfigError, validate_task
 from vit.model import resample_pos_embed
-from vit.optim import learning_rate
+from vit.optim import learning_rate, param_groups
 from vit.tasks import build_task, coco_box_ap
 
 # A tiny ViT trunk (vit_tiny_patch16 at 128 px: an 8 x 8 grid, windows of 4) under small heads.
@@ -253,6 +253,14 @@ def test_schedules_and_layer_decay():
     assert learning_rate(0, step, 100) == pytest.approx(1e-5)
     assert [learning_rate(s, step, 100) for s in (10, 49, 50, 74, 75, 99)] == pytest.approx(
         [1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6])
+    # ViTDet-H's 75 epochs as configured: x 0.1 at exactly steps 122,916 and 133,159 of 138,281.
+    coco = OmegaConf.load(ROOT / "conf" / "task" / "coco.yaml")
+    assert coco.train.steps == 138281
+    assert [learning_rate(s, coco.optim, 138281) / 1e-4 for s in (122915, 122916, 133158, 133159, 138280)] == \
+        pytest.approx([1, 0.1, 0.1, 0.01, 0.01])
+    hundred = OmegaConf.merge(coco.optim, {"milestones": [0.888889492, 0.962961356]})  # B and L, as the comment says
+    assert [learning_rate(s, hundred, 184375) / 1e-4 for s in (163888, 163889, 177545, 177546)] == \
+        pytest.approx([1, 0.1, 0.1, 0.01])
     poly = OmegaConf.create({"lr": 1e-4, "warmup_steps": 10, "schedule": "poly", "power": 1.0})
     assert learning_rate(9, poly, 110) == pytest.approx(1e-4)
     assert learning_rate(60, poly, 110) == pytest.approx(0.5e-4)
@@ -266,6 +274,10 @@ def test_schedules_and_layer_decay():
     assert scales["trunk.blocks.0.attn.qkv.weight"] == 0.5 ** 12
     assert scales["trunk.blocks.11.mlp.fc1.weight"] == 0.5
     assert {v for k, v in scales.items() if not k.startswith("trunk.")} == {1.0}
+    model = task.build_model(150)
+    decayed = lambda groups: {n for g in groups if g["weight_decay"] for n in g["names"]}  # noqa: E731
+    assert "trunk.pos_embed" not in decayed(param_groups(model, 0.1))
+    assert decayed(param_groups(model, 0.1, decay_all=True)) == {n for n, _ in model.named_parameters()}
 
 
 @pytest.mark.parametrize("overrides, message", [

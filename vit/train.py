@@ -123,7 +123,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                     bf16_root=task.bf16_root, unit_blocks=cfg.fsdp.unit_blocks,
                     reshard_after_forward=cfg.fsdp.reshard_after_forward)
         optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                    lr_scale=task.lr_scale(model))
+                                    lr_scale=task.lr_scale(model), decay_all=cfg.optim.get("decay_all", False))
         # The same init on every rank needed the same seed; from here on each rank draws its own
         # (drop-path masks), or every rank would drop the same blocks for its own images.
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, world.rank]).generate_state(1)[0]))
