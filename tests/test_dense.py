@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit.dense import (DenseViT, dense_flops_per_image, layer_decay_scales, pi_resize_patch_kernel,
-                       window_partition, window_unpartition)
+from vit.dense import (DenseViT, RelPosAttention, dense_flops_per_image, layer_decay_scales, pi_resize_patch_kernel,
+                       resample_rel_pos, window_partition, window_unpartition)
 from vit.detection import build_detector
 from vit.model import VARIANTS, Variant, VisionTransformer, build_model, resample_pos_embed, train_flops_per_image
 
@@ -129,6 +129,9 @@ def test_dense_flops():
     t = Variant(4, 2, 2, 1, 3)
     embed, linear = 4 * 3 * 16 * 2, 4 * (4 * 2 * 2 + 2 * 2 * 3)
     assert dense_flops_per_image(t, 8, 4, 1, (-1,)) == 6 * (embed + 2 * linear + 2 * 4 * 1 * 2 + 2 * 4 * 4 * 2)
+    # Relative positions: 2 MACs per token, channel and window (1) or grid (2) row: 2 * 4 * 2 * (1 + 2).
+    assert dense_flops_per_image(t, 8, 4, 1, (-1,), use_rel_pos=True) - dense_flops_per_image(t, 8, 4, 1, (-1,)) \
+        == 6 * 2 * 4 * 2 * 3
 
 
 def test_vitdet_trains_and_predicts():
@@ -182,3 +185,50 @@ def test_detections_are_clipped_to_each_image_not_to_the_padded_canvas():
         out = model(torch.randn(2, 3, 64, 64), sizes)
     for (h, w), o in zip(sizes, out):
         assert o["boxes"].tolist() == [[0.0, 0.0, float(w), float(h)]] and o["labels"].tolist() == [2]
+
+
+def test_relative_position_bias_by_hand():
+    """2 x 2 tokens, one head of width 1 (dim 2, 2 heads; head 0 shown): bias[i, j] =
+    q_i (R_h[y_i - y_j + 1] + R_w[x_i - x_j + 1]) with R_h = 1, 2, 3 and R_w = 10, 20, 30."""
+    attn = RelPosAttention(dim=2, num_heads=2, size=2)
+    assert attn.rel_pos_h.shape == attn.rel_pos_w.shape == (3, 1) and not attn.rel_pos_h.any()
+    with torch.no_grad():
+        attn.rel_pos_h.copy_(torch.tensor([[1.0], [2.0], [3.0]]))
+        attn.rel_pos_w.copy_(torch.tensor([[10.0], [20.0], [30.0]]))
+    q = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 4, 1).expand(1, 2, 4, 1)  # tokens (0,0) (0,1) (1,0) (1,1)
+    bias = attn.bias(q)
+    assert bias.shape == (1, 2, 4, 4)
+    assert bias[0, 0, 0].tolist() == [22, 12, 21, 11]
+    assert bias[0, 0, 3].tolist() == [4 * 33, 4 * 23, 4 * 32, 4 * 22]
+    # A window block's tables are sized for its window, a global block's for the whole grid.
+    trunk = DenseViT(TINY, img_size=128, patch_size=16, window_size=3, global_blocks=(1,), use_rel_pos=True)
+    assert trunk.blocks[0].attn.rel_pos_h.shape == (5, 16) and trunk.blocks[1].attn.rel_pos_w.shape == (15, 16)
+
+
+def test_relative_position_table_is_resampled_linearly():
+    table = torch.tensor([[0.0], [1.0], [2.0]])
+    torch.testing.assert_close(resample_rel_pos(table, 5), torch.tensor([[0.0], [0.4], [1.0], [1.6], [2.0]]))
+    assert resample_rel_pos(table, 3) is table
+
+
+def test_zero_relative_positions_leave_the_pretrained_outputs_exactly():
+    """A pretraining trunk has no relative positions: they load as zeros, the outputs are bit for bit
+    those of the trunk without them, and a ViTDet checkpoint's tables are resampled to our windows."""
+    torch.manual_seed(0)
+    pretrained = build_model("vit_tiny_patch16", num_classes=0).state_dict()
+    plain = DenseViT(VARIANTS["vit_tiny_patch16"], img_size=96, patch_size=16, window_size=4, global_blocks=(5, 11))
+    rel = DenseViT(VARIANTS["vit_tiny_patch16"], img_size=96, patch_size=16, window_size=4, global_blocks=(5, 11),
+                   use_rel_pos=True)
+    plain.load_state_dict(plain.adapt_pretrained(pretrained))
+    adapted = rel.adapt_pretrained(pretrained)
+    assert not adapted["blocks.0.attn.rel_pos_h"].any() and adapted["blocks.5.attn.rel_pos_w"].shape == (11, 64)
+    rel.load_state_dict(adapted)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(rel.eval()(x)[0], plain.eval()(x)[0])
+    # Window 14 -> 4: a ramp 0..26 read at half-pixel centres, (i + 1/2) 27/7 - 1/2.
+    vitdet = {**pretrained, "blocks.0.attn.rel_pos_h": torch.arange(27.0)[:, None].expand(27, 64)}
+    assert rel.adapt_pretrained(vitdet)["blocks.0.attn.rel_pos_h"][:, 0].tolist() == pytest.approx(
+        [(i + 0.5) * 27 / 7 - 0.5 for i in range(7)])
+    scales = layer_decay_scales(rel, "", depth=12, decay=0.5)
+    assert scales["blocks.3.attn.rel_pos_h"] == scales["blocks.3.attn.qkv.weight"] == 0.5**9

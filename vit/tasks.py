@@ -146,7 +146,8 @@ class DenseTask(Task):
         cfg, variant = self.cfg, VARIANTS[self.cfg.model.name]
         return dict(variant=variant, img_size=cfg.data.img_size, patch_size=cfg.task.patch_size,
                     window_size=cfg.task.get("window_size", 0), global_blocks=self.global_blocks(),
-                    out_blocks=out_blocks, drop_path_rate=cfg.model.drop_path_rate)
+                    out_blocks=out_blocks, drop_path_rate=cfg.model.drop_path_rate,
+                    use_rel_pos=cfg.task.get("use_rel_pos", False))
 
     def global_blocks(self) -> list[int]:
         if not self.cfg.task.get("window_size"):
@@ -206,7 +207,7 @@ class DenseTask(Task):
 
         a = self.trunk_args(None)
         return dense_flops_per_image(a["variant"], a["img_size"], a["patch_size"], a["window_size"],
-                                     a["global_blocks"])
+                                     a["global_blocks"], a["use_rel_pos"])
 
 
 class CocoDetection(DenseTask):
