@@ -172,7 +172,7 @@ def coco_scoring_failure_fails_every_rank(rank, root, out_dir):
     def broken_scoring(*args):
         raise KeyError("info")
 
-    vit.tasks.coco_box_ap = broken_scoring
+    vit.tasks.coco_ap = broken_scoring
     try:
         task.evaluate(nothing_found, source, world)
     except RuntimeError as e:
