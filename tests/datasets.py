@@ -124,6 +124,7 @@ def backdate(root: Path, seconds: float = 3600) -> None:
 # COCO category (id, name, colour): ids with a gap and listed out of order, like COCO's
 COCO_CATEGORIES = ((7, "blue", (40, 60, 230)), (1, "red", (230, 40, 40)), (3, "green", (40, 200, 60)))
 COCO_CROWD_IMAGE_ID = 1  # train image 1 also has an iscrowd=1 region, a cluster of small red squares
+                         # given as uncompressed RLE, as COCO gives crowd regions
 
 
 def _noise(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -148,6 +149,14 @@ def _polygon(x: int, y: int, w: int, h: int, ellipse: bool) -> list[float]:
     return [v for t in angles for v in (x + w / 2 * (1 + math.cos(t)), y + h / 2 * (1 + math.sin(t)))]
 
 
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's crowd-region segmentation: run lengths of 0s then 1s, alternating, in column-major order."""
+    flat = mask.flatten(order="F")
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return {"counts": [0, *counts] if flat[0] else counts, "size": list(mask.shape)}
+
+
 def make_coco(root: Path, n_train: int = 32, n_val: int = 8, size=(80, 128), seed: int = 0) -> Path:
     """root/{train2017,val2017}/<id:012d>.jpg and root/annotations/instances_*2017.json. Each image is
     noise with 1-3 non-overlapping filled rectangles or ellipses (20-60% of each side), coloured by
@@ -165,12 +174,14 @@ def make_coco(root: Path, n_train: int = 32, n_val: int = 8, size=(80, 128), see
             img, taken = _noise(rng, width, height), []
             draw = ImageDraw.Draw(img)
             objects = []
+            crowd_mask = np.zeros((height, width), dtype=np.uint8)
             if split == "train" and image_id == COCO_CROWD_IMAGE_ID:
                 x, y, w, h = _place(rng, width, height, taken, 0.3, 0.35)
                 for i in range(3):
                     for j in range(3):
                         draw.rectangle((x + w * i // 3, y + h * j // 3, x + w * i // 3 + 3, y + h * j // 3 + 3),
                                        fill=COCO_CATEGORIES[1][2])
+                        crowd_mask[y + h * j // 3:y + h * j // 3 + 4, x + w * i // 3:x + w * i // 3 + 4] = 1
                 objects.append((1, (x, y, w, h), False, 1))
             if image_id != first_id + count - 1:
                 for _ in range(int(rng.integers(1, 4))):
@@ -182,9 +193,10 @@ def make_coco(root: Path, n_train: int = 32, n_val: int = 8, size=(80, 128), see
                     (draw.ellipse if ellipse else draw.rectangle)((x, y, x + w - 1, y + h - 1),
                                                                   fill=COCO_CATEGORIES[c][2])
                 annotations.append({
-                    "id": ann_id, "image_id": image_id, "category_id": COCO_CATEGORIES[c][0],
-                    "bbox": [x, y, w, h], "area": math.pi * w * h / 4 if ellipse else w * h,
-                    "segmentation": [_polygon(x, y, w, h, ellipse)], "iscrowd": crowd})
+                    "id": ann_id, "image_id": image_id, "category_id": COCO_CATEGORIES[c][0], "bbox": [x, y, w, h],
+                    "area": int(crowd_mask.sum()) if crowd else math.pi * w * h / 4 if ellipse else w * h,
+                    "segmentation": _uncompressed_rle(crowd_mask) if crowd else [_polygon(x, y, w, h, ellipse)],
+                    "iscrowd": crowd})
                 ann_id += 1
             file_name = f"{image_id:012d}.jpg"
             img.save(root / f"{split}2017" / file_name, "JPEG", quality=95)

@@ -165,14 +165,14 @@ def coco_scoring_failure_fails_every_rank(rank, root, out_dir):
     task = vit.tasks.build_task(OmegaConf.create({"task": {"name": "coco"}, "train": {"micro_batch": 2},
                                                  "data": {"num_workers": 0}}))
 
-    def nothing_found(images):
+    def nothing_found(images, image_sizes):
         return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
                 for _ in images]
 
     def broken_scoring(*args):
         raise KeyError("info")
 
-    vit.tasks.coco_box_ap = broken_scoring
+    vit.tasks.coco_ap = broken_scoring
     try:
         task.evaluate(nothing_found, source, world)
     except RuntimeError as e:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from datasets import COCO_CATEGORIES, COCO_CROWD_IMAGE_ID, make_ade20k, make_coco
 from vit.data.ade20k import ADE20K, check_ade20k, keep_ratio_size, reduce_zero_label
-from vit.data.coco import CocoDetection, check_coco
+from vit.data.coco import CocoDetection, check_coco, segmentation_mask
 from vit.data.loader import DataPosition, SeededSamples, build_loader, collate_samples
 from vit.data.sources import DataError, build_source, check_data
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -85,6 +85,42 @@ def test_coco_lsj_samples_boxes_match_the_drawn_shapes(coco):
                 checked += 1
     assert checked > 40
     assert 0.1 <= min(ratios) < 0.4 and 1.6 < max(ratios) <= 2.0  # r ~ U(0.1, 2.0)
+
+
+def test_coco_lsj_masks_follow_the_image(coco):
+    """Training masks are cut, scaled and flipped with the image: each lies in its box and covers
+    pixels of its category's colour."""
+    ds = CocoDetection(str(coco), "train", S, train=True, masks=True)
+    colour = {label: np.array(dict((i, c) for i, _, c in COCO_CATEGORIES)[cat_id])
+              for label, cat_id in enumerate(ds.cat_ids, start=1)}
+    checked = 0
+    for i in range(len(ds)):
+        for seed in range(4):
+            image, target = ds.load(i, random.Random(seed))
+            h, w = target["image_size"]
+            masks, boxes = target["masks"], target["boxes"]
+            assert masks.dtype == torch.uint8 and masks.shape == (len(boxes), h, w)
+            rgb = pixels(image)[:, :h, :w]
+            for mask, (x0, y0, x1, y1), label in zip(masks.bool(), boxes.tolist(), target["labels"].tolist()):
+                ys, xs = mask.nonzero(as_tuple=True)
+                if len(ys) < 16:
+                    continue
+                assert x0 - 1 <= xs.min() and xs.max() < x1 + 1 and y0 - 1 <= ys.min() and ys.max() < y1 + 1
+                assert np.abs(rgb[:, mask].median(1).values.numpy() - colour[label]).max() < 40
+                checked += 1
+    assert checked > 20
+
+
+def test_coco_crowd_rle_decodes_to_the_drawn_region(coco):
+    data = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
+    crowd = next(a for a in data["annotations"] if a["iscrowd"])
+    image = next(im for im in data["images"] if im["id"] == crowd["image_id"])
+    assert isinstance(crowd["segmentation"]["counts"], list)  # uncompressed, as COCO's crowd regions
+    mask = segmentation_mask(crowd["segmentation"], image["height"], image["width"])
+    assert mask.shape == (image["height"], image["width"]) and mask.sum() == crowd["area"] == 9 * 16
+    rgb = np.array(Image.open(coco / "train2017" / image["file_name"]))
+    red, green, blue = np.median(rgb[mask.astype(bool)], 0)  # 4 x 4 squares: JPEG blurs them towards the noise
+    assert red - max(green, blue) > 80
 
 
 def test_coco_same_rng_same_sample(coco):

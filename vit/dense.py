@@ -4,6 +4,8 @@
 parameter names (`patch_embed.proj`, `pos_embed`, `blocks.N.*`), so a pretraining checkpoint loads
 by name. Most blocks may attend within non-overlapping windows (ViTDet); a few global blocks
 propagate information across the image. Outputs are stride-`patch_size` maps [B, D, grid, grid].
+With `use_rel_pos` every block also adds ViTDet's decomposed relative position bias (SAM's image
+encoder has the same), zero at the start: pretraining has none, and zeros leave its outputs as they were.
 
 A pretrained kernel of another patch size is converted with FlexiViT's pseudo-inverse resize:
 this is how a ViT-H/14 runs at patch 16, whose stride-16 features make the pyramid strides 4..64
@@ -19,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit.model import Block, PatchEmbed, Variant, VisionTransformer, drop_path, init_trunk, resample_pos_embed
+from vit.model import (Attention, Block, PatchEmbed, Variant, VisionTransformer, drop_path, init_trunk,
+                       resample_pos_embed)
 
 
 def pi_resize_patch_kernel(weight: torch.Tensor, new_size: int) -> torch.Tensor:
@@ -65,6 +68,40 @@ def _block_indices(indices: Sequence[int], depth: int) -> list[int]:
     return [i % depth for i in indices]
 
 
+def rel_pos_index(size: int, device=None) -> torch.Tensor:
+    """[size, size] rows of the (2 size - 1)-row table for query i, key j: their offset i - j, shifted to >= 0."""
+    coords = torch.arange(size, device=device)
+    return coords[:, None] - coords[None, :] + size - 1
+
+
+def resample_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
+    """A [L, head_dim] relative-position table linearly resized to `length` rows (another window or grid)."""
+    if table.shape[0] == length:
+        return table
+    resized = F.interpolate(table.T[None].float(), size=length, mode="linear", align_corners=False)
+    return resized[0].T.to(table.dtype)
+
+
+class RelPosAttention(Attention):
+    """Attention over a size x size square of tokens plus the decomposed relative position bias of
+    ViTDet: q . R_h[i_y - j_y] + q . R_w[i_x - j_x], with per-block tables shared by the heads."""
+
+    def __init__(self, dim: int, num_heads: int, size: int):
+        super().__init__(dim, num_heads)
+        self.size = size
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, dim // num_heads))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, dim // num_heads))
+
+    def bias(self, q: torch.Tensor) -> torch.Tensor:
+        B, heads, N, head_dim = q.shape
+        s = self.size
+        index = rel_pos_index(s, q.device)
+        grid_q = q.reshape(B, heads, s, s, head_dim)  # unscaled queries, as ViTDet
+        along_h = torch.einsum("bnyxc,ykc->bnyxk", grid_q, self.rel_pos_h[index].to(q.dtype))
+        along_w = torch.einsum("bnyxc,xkc->bnyxk", grid_q, self.rel_pos_w[index].to(q.dtype))
+        return (along_h[..., :, None] + along_w[..., None, :]).reshape(B, heads, N, N)
+
+
 class DenseBlock(Block):
     """A ViT block whose attention is global (window 0) or within windows over a grid x grid map.
 
@@ -72,9 +109,12 @@ class DenseBlock(Block):
     unmasked in attention (their keys are the qkv bias); this keeps ViTDet checkpoints equivalent.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float, grid: int, window: int):
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float, grid: int, window: int,
+                 use_rel_pos: bool = False):
         super().__init__(dim, num_heads, mlp_dim, drop_path_rate)
         self.grid, self.window = grid, window
+        if use_rel_pos:
+            self.attn = RelPosAttention(dim, num_heads, window or grid)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.window:
@@ -91,7 +131,8 @@ class DenseViT(nn.Module):
     """Patch embedding + position grid + blocks; `forward` returns the maps after `out_blocks`."""
 
     def __init__(self, variant: Variant, img_size: int, patch_size: int, window_size: int = 0,
-                 global_blocks: Sequence[int] = (), out_blocks: Sequence[int] = (-1,), drop_path_rate: float = 0.0):
+                 global_blocks: Sequence[int] = (), out_blocks: Sequence[int] = (-1,), drop_path_rate: float = 0.0,
+                 use_rel_pos: bool = False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch size {patch_size}")
@@ -108,7 +149,7 @@ class DenseViT(nn.Module):
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             DenseBlock(dim, variant.num_heads, variant.mlp_dim, rate, self.grid,
-                       0 if i in self.global_blocks else window_size)
+                       0 if i in self.global_blocks else window_size, use_rel_pos)
             for i, rate in enumerate(rates))
         if not self.pos_embed.is_meta:
             init_trunk(self)  # vit.model's scheme: training from scratch behaves like the classifier
@@ -128,15 +169,22 @@ class DenseViT(nn.Module):
     def adapt_pretrained(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A pretraining ViT's weights (timm names) as this trunk's full state dict: class token, final
         norm and head are dropped, the position grid is resampled and the patch kernel pseudo-inverse
-        resized to this model's. Only shapes are read from `self`, so it may be sharded."""
+        resized to this model's. Relative-position tables start at zero where the weights have none
+        (ours never do) and are resampled to this model's windows where they have. Only shapes are
+        read from `self`, so it may be sharded."""
         own = self.state_dict()
         new, missing, mismatched = {}, [], []
         for key, target in own.items():
+            if key not in state_dict and ".attn.rel_pos_" in key:
+                new[key] = torch.zeros(target.shape, dtype=target.dtype)
+                continue
             if key not in state_dict:
                 missing.append(key)
                 continue
             value = state_dict[key]
-            if key == "pos_embed" and value.shape[-1] == target.shape[-1]:
+            if ".attn.rel_pos_" in key and value.shape[-1] == target.shape[-1]:
+                value = resample_rel_pos(value, target.shape[0])
+            elif key == "pos_embed" and value.shape[-1] == target.shape[-1]:
                 n = value.shape[1]
                 prefix = n - math.isqrt(n) ** 2  # the class token: whatever is beyond the square grid
                 value = resample_pos_embed(value, (self.grid, self.grid), num_prefix=prefix)[:, prefix:]
@@ -172,10 +220,12 @@ def layer_decay_scales(model: nn.Module, prefix: str, depth: int, decay: float) 
 
 
 def dense_flops_per_image(variant: Variant, img_size: int, patch_size: int, window_size: int,
-                          global_blocks: Sequence[int]) -> float:
+                          global_blocks: Sequence[int], use_rel_pos: bool = False) -> float:
     """Analytic training FLOPs of the trunk (3x forward, 2 FLOPs/MAC, as vit.model.train_flops_per_image).
 
-    Window blocks run qkv, proj and attention on the padded windows, the MLP on the real tokens.
+    Window blocks run qkv, proj and attention on the padded windows, the MLP on the real tokens. A
+    relative-position bias adds two query-table products per token (size D x side, side being the
+    window or grid); its sum into the scores is not counted (additions only).
     """
     d, grid = variant.embed_dim, img_size // patch_size
     n = grid * grid
@@ -183,8 +233,9 @@ def dense_flops_per_image(variant: Variant, img_size: int, patch_size: int, wind
     macs = n * 3 * patch_size**2 * d
     for i in range(variant.depth):
         if window_size and i not in global_set:
-            tokens, context = (math.ceil(grid / window_size) * window_size) ** 2, window_size**2
+            tokens, side = (math.ceil(grid / window_size) * window_size) ** 2, window_size
         else:
-            tokens, context = n, n
-        macs += tokens * 4 * d * d + 2 * tokens * context * d + n * 2 * d * variant.mlp_dim
+            tokens, side = n, grid
+        macs += tokens * 4 * d * d + 2 * tokens * side**2 * d + n * 2 * d * variant.mlp_dim
+        macs += 2 * tokens * side * d if use_rel_pos else 0
     return 3 * 2 * macs

@@ -66,9 +66,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        # SDPA picks the flash / memory-efficient kernels on GPU.
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        # SDPA picks the flash / memory-efficient kernels on GPU (the memory-efficient one with a bias).
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=self.bias(qkv[0]))
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+    def bias(self, q: torch.Tensor) -> torch.Tensor | None:
+        """An additive attention bias from the queries [B, heads, N, head_dim]; none in plain ViT."""
+        return None
 
 
 class Mlp(nn.Module):

@@ -12,8 +12,10 @@ from vit.distributed import all_reduce_sum
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
-    """Decay only weight matrices and kernels: biases, norms (all 1-D) and the embeddings are exempt.
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None,
+                 decay_all: bool = False) -> list[dict]:
+    """Decay only weight matrices and kernels: biases, norms (all 1-D) and the embeddings are exempt,
+    unless `decay_all` (ViTDet's ViT-H recipe decays every parameter).
 
     `lr_scale` maps a parameter name to a learning-rate multiplier (layer-wise decay in fine-tuning);
     parameters with the same (decay, scale) share one group.
@@ -22,7 +24,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, floa
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
+        decay = decay_all or (p.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES))
         scale = (lr_scale or {}).get(name, 1.0)
         group = groups.setdefault((decay, scale), {"params": [], "names": [], "lr_scale": scale,
                                                    "weight_decay": weight_decay if decay else 0.0})
@@ -32,10 +34,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, floa
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                    lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
+                    lr_scale: dict[str, float] | None = None, decay_all: bool = False) -> torch.optim.AdamW:
     """Fused AdamW on every device: one kernel per group. The per-parameter loop, by contrast, runs
     each op through DTensor dispatch for every sharded parameter (~4x the host time on CPU)."""
-    groups = param_groups(model, weight_decay, lr_scale)
+    groups = param_groups(model, weight_decay, lr_scale, decay_all)
     for g in groups:
         del g["names"]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
@@ -56,13 +58,14 @@ def warmup_cosine(step: int, base_lr: float, warmup_steps: int, total_steps: int
 def learning_rate(step: int, optim_cfg, total_steps: int) -> float:
     """The LR of `optim.schedule` after a linear warmup (shared by all three):
       cosine  to exactly 0 (pretraining);
-      step    times `gamma` at each of `milestones` (fractions of the run; ViTDet's COCO recipe);
+      step    times `gamma` at each of `milestones` (fractions of the run, rounded to the nearest
+              step, so that 9 digits give detectron2's exact iterations; ViTDet's COCO recipe);
       poly    (1 - progress) ** `power` to 0 (mmseg's ADE20K recipe)."""
     base, warmup, kind = optim_cfg.lr, optim_cfg.warmup_steps, optim_cfg.get("schedule", "cosine")
     if kind == "cosine" or step < warmup:
         return warmup_cosine(step, base, warmup, total_steps)
     if kind == "step":
-        passed = sum(step >= m * total_steps for m in optim_cfg.milestones)
+        passed = sum(step >= round(m * total_steps) for m in optim_cfg.milestones)
         return base * optim_cfg.gamma ** passed
     progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
     return base * (1.0 - progress) ** optim_cfg.power

@@ -51,7 +51,8 @@ def plan(cfg: DictConfig) -> dict:
     gpus = int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)
     steps = total_steps(cfg, expected_train_samples(cfg.data))
     batch = int(cfg.train.global_batch)
-    flops_per_image = task.flops_per_image(classes)  # fine-tuning: the trunk's share
+    flops_per_image = task.flops_per_image(classes)
+    head_flops = task.head_flops_per_image(classes)
     total_flops = steps * batch * flops_per_image
     images_per_s = gpus * s["peak_tflops"] * 1e12 * s["mfu"] / flops_per_image
     train_s = total_flops / (gpus * s["peak_tflops"] * 1e12 * s["mfu"])
@@ -70,6 +71,7 @@ def plan(cfg: DictConfig) -> dict:
     return {
         "model": name, "params": params, "gpus": gpus, "global_batch": batch,
         "total_steps": steps, "images": steps * batch, "flops_per_image": flops_per_image, "total_flops": total_flops,
+        "head_flops_per_image": head_flops, "head_share": head_flops / flops_per_image,
         **{k: s[k] for k in ("mfu", "peak_tflops", "fs_gbps", "mtbi_hours")},
         "images_per_s": images_per_s, "step_s": step_s, "train_s": train_s, "gpu_hours": train_s * gpus / 3600,
         "time_limit_min": time_min, "allocations": allocations, "requeues": allocations - 1,
@@ -95,6 +97,8 @@ def format_plan(p: dict) -> str:
     lines = [
         f"model        {p['model']}: {p['params'] / 1e6:,.1f}M parameters, {p['flops_per_image'] / 1e9:,.1f} GFLOPs "
         f"per training image",
+        *([f"  heads      {p['head_flops_per_image'] / 1e9:,.1f} GFLOPs of them ({p['head_share']:.1%}) after the trunk: "
+           "pyramid and heads"] if p["head_flops_per_image"] else []),
         f"steps        {p['total_steps']:,} x global batch {p['global_batch']:,} = {p['images']:,} images",
         f"compute      {p['total_flops']:.3e} FLOPs",
         f"time         {_duration(p['train_s'])} on {p['gpus']} GPU(s) at MFU {p['mfu']:.0%} of {p['peak_tflops']:g} "

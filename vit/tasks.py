@@ -4,7 +4,7 @@ The training loop (vit/train.py) is the same for all three; a task supplies the 
 a micro-batch, what to shard and at which learning-rate scale, and the evaluation:
 
   classification   ViT + linear head on the class token; top-1/top-5          (jobs/pretrain.py)
-  coco             ViTDet: windowed trunk, simple pyramid, Faster R-CNN; box AP by COCOeval
+  coco             ViTDet: windowed trunk, simple pyramid, Mask R-CNN; box and mask AP by COCOeval
   ade20k           trunk at 4 depths, pyramid, UperNet + FCN aux; dataset-level mIoU
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -134,6 +135,10 @@ class Task:
     def lr_scale(self, model: nn.Module) -> dict[str, float] | None:
         return None
 
+    def head_flops_per_image(self, num_classes: int) -> float:
+        """The part of `flops_per_image` spent after the trunk (the planner states its share)."""
+        return 0.0
+
 
 class Classification(Task):
     def build_model(self, num_classes: int) -> nn.Module:
@@ -176,7 +181,8 @@ class DenseTask(Task):
         cfg, variant = self.cfg, VARIANTS[self.cfg.model.name]
         return dict(variant=variant, img_size=cfg.data.img_size, patch_size=cfg.task.patch_size,
                     window_size=cfg.task.get("window_size", 0), global_blocks=self.global_blocks(),
-                    out_blocks=out_blocks, drop_path_rate=cfg.model.drop_path_rate)
+                    out_blocks=out_blocks, drop_path_rate=cfg.model.drop_path_rate,
+                    use_rel_pos=cfg.task.get("use_rel_pos", False))
 
     def global_blocks(self) -> list[int]:
         if not self.cfg.task.get("window_size"):
@@ -231,12 +237,13 @@ class DenseTask(Task):
                                   self.cfg.task.layer_decay)
 
     def flops_per_image(self, num_classes: int) -> float:
-        """The trunk's share, which dominates: the MFU shown is a lower bound."""
+        """The trunk's and what `head_flops_per_image` counts (ADE20K's UperNet: nothing yet, so its
+        MFU is a lower bound)."""
         from vit.dense import dense_flops_per_image
 
         a = self.trunk_args(None)
         return dense_flops_per_image(a["variant"], a["img_size"], a["patch_size"], a["window_size"],
-                                     a["global_blocks"])
+                                     a["global_blocks"], a["use_rel_pos"]) + self.head_flops_per_image(num_classes)
 
 
 class CocoDetection(DenseTask):
@@ -250,42 +257,64 @@ class CocoDetection(DenseTask):
         return build_detector(self.build_trunk((-1,)), num_classes + 1, self.cfg.data.img_size,
                               fpn_channels=t.fpn_channels, representation_size=t.representation_size,
                               box_detections_per_img=t.detections_per_image,
-                              box_batch_size_per_image=t.roi_batch)
+                              box_batch_size_per_image=t.roi_batch, masks=t.masks)
+
+    def head_flops_per_image(self, num_classes: int) -> float:
+        from vit.detection import head_flops_per_image
+
+        t = self.cfg.task
+        return head_flops_per_image(VARIANTS[self.cfg.model.name].embed_dim, self.cfg.data.img_size, num_classes + 1,
+                                    t.fpn_channels, t.representation_size, t.roi_batch, t.masks)
 
     def loss(self, model: nn.Module, images: torch.Tensor, targets: list[dict]) -> torch.Tensor:
         device = images.device
-        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-        return sum(model(list(images), targets).values())
+        sizes = [t["image_size"] for t in targets]
+        keys = ("boxes", "labels", "masks") if self.cfg.task.masks else ("boxes", "labels")
+        targets = [{k: t[k].to(device) for k in keys} for t in targets]
+        return sum(model(images, sizes, targets).values())
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, source, world: World) -> dict:
-        """Box AP by the real COCOeval on the detections of all ranks, gathered to rank 0."""
-        detections, image_ids = [], []
+        """Box AP (and mask AP) by the real COCOeval on the detections of all ranks, gathered to rank 0."""
+        from vit.detection import paste_masks
+
+        boxes_found, masks_found, image_ids = [], [], []
         split = EvalSplit(source, world, self.cfg.train.micro_batch, self.cfg.data.num_workers)
         for images, targets, keep in split:
-            for out, target, k in zip(model(list(images.to(world.device))), targets, keep):
+            outputs = model(images.to(world.device), [t["image_size"] for t in targets])
+            for out, target, k in zip(outputs, targets, keep):
                 if not k:
                     continue
                 image_ids.append(target["image_id"])
-                # Canvas -> original pixels, clipped to the image: the canvas pads it to a square.
+                # Canvas -> original pixels, clipped again (as detectron2's detector_postprocess): the
+                # model clipped to the resized image, which rounding may leave a pixel larger.
                 boxes = out["boxes"].float().cpu() / target["scale"]
                 width, height = target["size"]
                 boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
                 boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-                boxes[:, 2:] -= boxes[:, :2]
-                detections += [{"image_id": target["image_id"], "category_id": source.cat_ids[int(label) - 1],
-                                "bbox": [round(v, 2) for v in box.tolist()], "score": round(float(score), 4)}
-                               for box, label, score in zip(boxes, out["labels"], out["scores"])
-                               if box[2] > 0 and box[3] > 0]
+                found = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+                common = [{"image_id": target["image_id"], "category_id": source.cat_ids[int(label) - 1],
+                           "score": round(float(score), 4)}
+                          for label, score in zip(out["labels"][found], out["scores"][found])]
+                xywh = torch.cat([boxes[found, :2], boxes[found, 2:] - boxes[found, :2]], 1)
+                boxes_found += [{**c, "bbox": [round(v, 2) for v in box]} for c, box in zip(common, xywh.tolist())]
+                if "masks" in out:  # pasted at the original size, as detectron2 scores them
+                    masks = paste_masks(out["masks"][found, 0].cpu(), boxes[found], height, width)
+                    masks_found += [{**c, "segmentation": rle} for c, rle in zip(common, mask_rles(masks))]
         unreadable = split.unreadable()
-        gathered = [None] * world.world_size if world.world_size > 1 else [(detections, image_ids)]
+        local = (boxes_found, masks_found, image_ids)
+        gathered = [None] * world.world_size if world.world_size > 1 else [local]
         if world.world_size > 1:
-            dist.all_gather_object(gathered, (detections, image_ids))
+            dist.all_gather_object(gathered, local)
         scores, error = {}, None
         if world.is_main:
+            image_ids = [i for _, _, ids in gathered for i in ids]
             try:
-                scores = {**coco_box_ap(source.ann_file, [d for part, _ in gathered for d in part],
-                                        [i for _, ids in gathered for i in ids]), "unreadable": unreadable}
+                scores = coco_ap(source.ann_file, [d for part, _, _ in gathered for d in part], image_ids)
+                if self.cfg.task.get("masks"):
+                    scores.update(coco_ap(source.ann_file, [d for _, part, _ in gathered for d in part], image_ids,
+                                          iou_type="segm"))
+                scores["unreadable"] = unreadable
             except Exception as e:  # noqa: BLE001 (every rank must fail, or the others hang in the next step)
                 error = f"COCO evaluation of {source.ann_file} failed ({type(e).__name__}: {e})"
         error = broadcast_object(error)
@@ -294,10 +323,19 @@ class CocoDetection(DenseTask):
         return scores
 
 
+def mask_rles(masks: torch.Tensor) -> list[dict]:
+    """[N, H, W] booleans as COCO's compressed RLE, its counts as text so that the results are JSON."""
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8))) if len(masks) else []
+    return [{"size": rle["size"], "counts": rle["counts"].decode()} for rle in rles]
+
+
 @functools.lru_cache(maxsize=1)
 def coco_ground_truth(ann_file: str):
     """pycocotools' index of the annotations, built once per run rather than at every evaluation
-    (val2017's are 25 MB of JSON). COCOeval only reads it for boxes, so it can be reused."""
+    (val2017's are 25 MB of JSON). COCOeval may reuse it: for masks it turns the polygons into RLE
+    in place, which it reads again as they are."""
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -306,23 +344,27 @@ def coco_ground_truth(ann_file: str):
     return gt
 
 
-def coco_box_ap(ann_file: str | Path, detections: list[dict], image_ids: list[int] | None = None) -> dict:
-    """COCOeval's box AP over `image_ids` (default: every image of the annotations)."""
+def coco_ap(ann_file: str | Path, results: list[dict], image_ids: list[int] | None = None,
+            iou_type: str = "bbox") -> dict:
+    """COCOeval's AP over `image_ids` (default: every image of the annotations): AP, AP50, ... for
+    boxes ("bbox" results), mask_AP, mask_AP50, ... for masks ("segm" results, RLE)."""
     from pycocotools.cocoeval import COCOeval
 
-    names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    prefix = "" if iou_type == "bbox" else "mask_"
+    names = [prefix + k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
     gt = coco_ground_truth(str(ann_file))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; the loop logs the numbers
-        if not detections:
-            return {**{k: 0.0 for k in names}, "detections": 0}
-        evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+        if not results:
+            return {**{k: 0.0 for k in names}, prefix + "detections": 0}
+        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(set(image_ids))
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     # COCOeval reports -1 where a size range has no ground truth; AP is in [0, 1], shown as %.
-    return {**{k: max(float(v), 0.0) * 100 for k, v in zip(names, evaluator.stats)}, "detections": len(detections)}
+    return {**{k: max(float(v), 0.0) * 100 for k, v in zip(names, evaluator.stats)},
+            prefix + "detections": len(results)}
 
 
 class ADE20KSegmentation(DenseTask):

@@ -122,7 +122,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                     bf16_root=task.bf16_root, unit_blocks=cfg.fsdp.unit_blocks,
                     reshard_after_forward=cfg.fsdp.reshard_after_forward, float8=cfg.train.float8)
         optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                    lr_scale=task.lr_scale(model))
+                                     lr_scale=task.lr_scale(model), decay_all=cfg.optim.get("decay_all", False))
         if cfg.train.float8:
             precompute_float8_scales_after_each_step(model, optimizer)
         # The same init on every rank needed the same seed; from here on each rank draws its own

@@ -7,7 +7,12 @@ Labels are 1..K in category-id order, 0 being background as in torchvision's det
 Every sample is an S x S canvas: the image at the top left, zero padding (after normalisation)
 at the bottom and right, so that a batch stacks. `target["scale"]` is canvas pixels per original
 pixel: eval boxes divided by it are in the JSON's coordinates again, and `target["size"]` (the
-original width and height) bounds them.
+original width and height) bounds them. `target["image_size"]` is the (height, width) of the image's
+content on the canvas: the detector clips proposals and detections to it, never to the padding.
+
+With `masks`, a training target also has "masks" [N, h, w] (uint8, the image's content on the
+canvas): each instance's polygons or RLE decoded at the original size and resized and cropped as
+the image is (nearest neighbour), so one path serves every COCO segmentation format.
 
 The resize samples only the part of the image that stays on the canvas (PIL's `box`), and JPEGs
 are DCT-reduced first when the resize more than halves them: at LSJ's r = 2 most of the upscaled
@@ -93,17 +98,33 @@ def _read_json(ann_file: Path) -> dict:
     return data
 
 
+def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation as an [height, width] uint8 mask: polygons (a list of x, y lists), the
+    uncompressed RLE of crowd regions ({"counts": [run lengths], "size": [h, w]}) or compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, *segmentation["size"])
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle)
+
+
 class CocoDetection:
-    """Map-style detection source: (image [3, S, S], {"boxes", "labels", "image_id", "scale", "size"}).
+    """Map-style detection source: (image [3, S, S], {"boxes", "labels", "image_id", "scale", "size",
+    "image_size"}).
 
     Crowd regions are never targets. Training samples only images with a non-crowd box (as ViTDet
     does: an empty image teaches nothing but background); eval keeps every image.
     """
 
     def __init__(self, root: str, split: str, img_size: int, train: bool, scale_range=(0.1, 2.0),
-                 hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, masks: bool = False):
         self.root, self.image_dir, self.ann_file = root, Path(root) / _split_dir(split), _check_layout(root, split)
         self.size, self.train, self.scale_range, self.hflip = img_size, train, tuple(scale_range), hflip
+        self.masks = masks and train  # evaluation scores masks against the JSON itself
         self.normalize = _Normalize(mean, std)
         data = _read_json(self.ann_file)
 
@@ -111,12 +132,14 @@ class CocoDetection:
         self.classes = [c["name"] for c in categories]
         self.cat_ids = [c["id"] for c in categories]
         label_of = {cat_id: label for label, cat_id in enumerate(self.cat_ids, start=1)}
-        boxes, labels = defaultdict(list), defaultdict(list)
+        boxes, labels, self.segmentations = defaultdict(list), defaultdict(list), defaultdict(list)
         for a in data["annotations"]:
             if not a.get("iscrowd", 0):
                 x, y, w, h = a["bbox"]
                 boxes[a["image_id"]].append((x, y, x + w, y + h))
                 labels[a["image_id"]].append(label_of[a["category_id"]])
+                if self.masks:
+                    self.segmentations[a["image_id"]].append(a["segmentation"])
         self.files = {im["id"]: im["file_name"] for im in data["images"]}
         self.image_ids = sorted(i for i in self.files if boxes[i] or not train)
         self.boxes = {i: np.array(boxes[i], dtype=np.float64).reshape(-1, 4) for i in self.image_ids}
@@ -155,10 +178,20 @@ class CocoDetection:
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         labels = self.labels[image_id]
+        keep = np.ones(len(labels), dtype=bool)
         if self.train:
             keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
             boxes, labels = boxes[keep], labels[keep]
         if flip:
             boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
-        return image, {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
-                       "image_id": int(image_id), "scale": float(scale), "size": (width, height)}
+        target = {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
+                  "image_id": int(image_id), "scale": float(scale), "size": (width, height), "image_size": (h, w)}
+        if self.masks:
+            # The canvas region (left, top, w, h) in original pixels, as the image was resized.
+            region = (left / scale, top / scale, min((left + w) / scale, width), min((top + h) / scale, height))
+            masks = [np.array(Image.fromarray(segmentation_mask(segm, height, width)).resize((w, h), Image.NEAREST,
+                                                                                           box=region))
+                     for segm, k in zip(self.segmentations[image_id], keep) if k]
+            masks = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, h, w), dtype=np.uint8))
+            target["masks"] = masks.flip(-1) if flip else masks
+        return image, target

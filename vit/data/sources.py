@@ -3,7 +3,8 @@
     format: auto | imagefolder | shards | synset_tars | synthetic | coco | ade20k   (required)
     synthetic:  num_samples, num_classes, img_size, seed (0), val_samples (256); data.root must be unset
     coco:       root (with train2017/, val2017/, annotations/), img_size (canvas side),
-                scale_range (large-scale jitter, [0.1, 2.0]), mean, std; see vit/data/coco.py
+                scale_range (large-scale jitter, [0.1, 2.0]), masks (instance masks as training
+                targets), mean, std; see vit/data/coco.py
     ade20k:     root (the ADEChallengeData2016 directory), img_size (crop side),
                 resize ([512, 2048]: short and long side at ratio 1), ratio_range ([0.5, 2.0]),
                 cat_max_ratio (0.75), mean, std; see vit/data/ade20k.py
@@ -222,6 +223,7 @@ def _dense_options(fmt: str, data_cfg: Mapping) -> dict:
     options = {"mean": tuple(data_cfg.get("mean", IMAGENET_MEAN)), "std": tuple(data_cfg.get("std", IMAGENET_STD))}
     if fmt == "coco":
         options["scale_range"] = _range(data_cfg, "scale_range", (0.1, 2.0))
+        options["masks"] = bool(data_cfg.get("masks", False))
         return options
     options["ratio_range"] = _range(data_cfg, "ratio_range", (0.5, 2.0))
     options["scale"] = tuple(int(v) for v in _range(data_cfg, "resize", (512, 2048)))  # order-free, as mmcv's
