@@ -7,8 +7,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import vit.launch  # noqa: F401  registers the Slurm launcher's config (cluster=sg_h100 selects it) and resolvers
+from hydra_plugins.vit_slurm_launcher.vit_slurm_launcher import register
 from vit.plan import format_plan, plan
+
+register()  # hydra/launcher=vit_slurm, which the cluster configs select
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")

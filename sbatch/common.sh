@@ -14,8 +14,8 @@
 #                   (each word is one argument; nothing is evaluated by the shell). They are composed
 #                   once before srun: a typo ends the job there, not requeued.
 #   PROCS_PER_NODE  ranks per node                  [the GPUs Slurm gave the node, else 1]
-#   MAX_REQUEUES    time-limit requeues allowed     [40]
-#   SIGNAL_LEAD_S   the lead of --signal=USR2@LEAD  [300]
+#   MAX_REQUEUES    time-limit requeues allowed     [python -m vit.slurm's default]
+#   SIGNAL_LEAD_S   the lead of --signal=USR2@LEAD  [python -m vit.slurm's default, as in the #SBATCH line]
 #   PYTHON          interpreter with the project installed [python3]
 #   VIT_HOME        the repository                  [the one holding the submitted script]
 
@@ -64,10 +64,11 @@ vit_finetune() {
     echo "error: the run cannot resume (above); the job ends here and is not requeued"
     exit 1
   fi
+  local -a agent=(--run-dir "$run_dir" --procs-per-node "${PROCS_PER_NODE:-$(gpus_on_node)}")
+  [[ -n "${MAX_REQUEUES:-}" ]] && agent+=(--max-requeues "$MAX_REQUEUES")
+  [[ -n "${SIGNAL_LEAD_S:-}" ]] && agent+=(--signal-lead-s "$SIGNAL_LEAD_S")
   # One agent per node; without B: in --signal, Slurm sends USR2 to each of them.
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 --open-mode=append \
     --output="$run_dir/slurm/job-$SLURM_JOB_ID-node%n.out" \
-    "${PYTHON:-python3}" -m vit.slurm --run-dir "$run_dir" --procs-per-node "${PROCS_PER_NODE:-$(gpus_on_node)}" \
-    --max-requeues "${MAX_REQUEUES:-40}" --signal-lead-s "${SIGNAL_LEAD_S:-300}" \
-    -- jobs/finetune.py "${args[@]}"
+    "${PYTHON:-python3}" -m vit.slurm "${agent[@]}" -- jobs/finetune.py "${args[@]}"
 }

@@ -242,7 +242,7 @@ def test_a_checkpoint_that_fails_to_load_is_set_aside_and_the_previous_one_loads
 def test_a_pickled_call_in_a_checkpoint_is_refused_never_run_and_never_skipped(tmp_path, where):
     """A planted payload is a refused class: the load stops with CheckpointRefusedError naming the
     key and the class, runs nothing, falls back to nothing and leaves every directory in place."""
-    from vit.checkpoint import CheckpointRefusedError
+    from vit.errors import CheckpointRefusedError
 
     mark = tmp_path / "payload-ran"
     ckpt, _ = two_saves(tmp_path, RunsCommand(mark) if where == "optimizer state" else None)
@@ -263,8 +263,8 @@ def test_a_pickled_call_in_a_checkpoint_is_refused_never_run_and_never_skipped(t
 def test_a_save_that_fails_for_another_reason_than_a_full_disk_is_not_a_user_error(tmp_path):
     """A read-only checkpoint directory (a real I/O error): one clear error of the kind the Slurm
     agent requeues (a full disk, by contrast, is the user's to fix), and the earlier checkpoint kept."""
-    from vit.checkpoint import CheckpointError, CheckpointSaveError
-    from vit.launch import USER_ERRORS
+    from vit.errors import CheckpointError, CheckpointSaveError
+    from vit.errors import USER_ERRORS
 
     if os.geteuid() != 0:
         if os.environ.get("CI", "").lower() == "true":

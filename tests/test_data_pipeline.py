@@ -28,7 +28,8 @@ from vit.data import imagefolder, synset_tars, transforms
 from vit.data.imagefolder import ImageFolder
 from vit.data.loader import DataPosition, RankBatches, build_loader, epoch_order, sample_seed
 from vit.data.shards import Shards, convert
-from vit.data.sources import DataError, build_source, check_data
+from vit.data.sources import build_source, check_data
+from vit.errors import DataError
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, sample_crop
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ from helpers import ROOT, losses, run_job
 from omegaconf import OmegaConf
 
 from vit.checkpoint import SafeReader, export_safetensors, load_pretrained
-from vit.config import ConfigError, validate_task
+from vit.config import validate_task
+from vit.errors import ConfigError
 from vit.model import resample_pos_embed
 from vit.optim import learning_rate, param_groups
 from vit.data.coco import segmentation_mask
@@ -189,8 +190,9 @@ def test_coco_val_categories_must_be_the_train_categories(tmp_path):
 def test_coco_without_pycocotools_is_rejected_before_anything_runs(coco, monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    import vit.launch  # noqa: F401  the resolvers
-    from vit.config import ConfigError, validate
+    import vit.config  # noqa: F401  the resolvers
+    from vit.config import validate
+    from vit.errors import ConfigError
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=["task=coco", f"data.root={coco}"])

@@ -17,7 +17,8 @@ from datasets import COCO_CATEGORIES, COCO_CROWD_IMAGE_ID, make_ade20k, make_coc
 from vit.data.ade20k import ADE20K, check_ade20k, keep_ratio_size, reduce_zero_label
 from vit.data.coco import CocoDetection, check_coco, segmentation_mask
 from vit.data.loader import DataPosition, SeededSamples, build_loader, collate_samples
-from vit.data.sources import DataError, build_source, check_data
+from vit.data.sources import build_source, check_data
+from vit.errors import DataError
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 S = 64

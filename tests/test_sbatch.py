@@ -29,6 +29,29 @@ def test_node_agent_starts_without_importing_torch():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+@pytest.mark.parametrize("task", ["coco", "ade20k"])
+def test_sbatch_script_allocates_what_the_cluster_config_says(task):
+    """The plain scripts' #SBATCH lines and `cluster=sg_h100` describe the same allocation: one copy
+    may not be edited without the other."""
+    from hydra import compose, initialize_config_dir
+
+    import hydra_plugins.vit_slurm_launcher.vit_slurm_launcher  # noqa: F401  the launcher's config
+    import vit.config  # noqa: F401  the resolvers
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cluster = compose("finetune", overrides=[f"task={task}", "cluster=sg_h100"]).cluster
+    text = (ROOT / "sbatch" / f"finetune_{task}.sh").read_text()
+    options = dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", text, re.M))
+    hours, minutes, seconds = (int(x) for x in options["time"].split(":"))
+    assert {"nodes": int(options["nodes"]), "gpus_per_node": int(options["gpus-per-node"]),
+            "cpus_per_task": int(options["cpus-per-task"]), "time_min": hours * 60 + minutes + seconds // 60,
+            "signal_lead_s": int(options["signal"].split("@")[1])} == {
+        "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "cpus_per_task": cluster.cpus_per_task,
+        "time_min": cluster.time_min, "signal_lead_s": cluster.signal_lead_s}
+    from vit.slurm import SIGNAL_LEAD_S  # the node agent's default, which the scripts leave to it
+    assert SIGNAL_LEAD_S == cluster.signal_lead_s
+
+
 def job_logs(run_dir):
     return sorted((run_dir / "slurm").glob("job-*.out"))
 
@@ -53,7 +76,8 @@ def test_a_crash_loop_is_failures_without_a_new_checkpoint():
 
 
 def test_a_torn_requeue_log_line_is_left_out(tmp_path):
-    from vit.slurm import REQUEUE_LOG, read_log
+    from vit.run_dir import REQUEUE_LOG
+    from vit.slurm import read_log
 
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / REQUEUE_LOG).write_text('{"cause": "time_limit", "step": 5}\n\n{"cause": "fail')
@@ -64,7 +88,8 @@ def test_the_agent_outlives_failing_slurm_commands(slurm_env, tmp_path, monkeypa
     """The real squeue and scontrol, asked about a job the controller does not know. The time left
     falls back to the end time Slurm puts in the job's environment; a failed requeue is retried, then
     reported in one line and taken back out of the requeue log (the requeue limits count that log)."""
-    from vit.slurm import REQUEUE_LOG, NodeAgent, time_left_s
+    from vit.run_dir import REQUEUE_LOG
+    from vit.slurm import NodeAgent, time_left_s
 
     unknown = "987654321"
     monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])

@@ -14,7 +14,8 @@ from dist_workers import spawn
 from hydra import compose, initialize_config_dir
 from torch.distributed.tensor import DTensor
 
-from vit.config import ConfigError, validate_speed_options
+from vit.config import validate_speed_options
+from vit.errors import ConfigError
 from vit.model import Variant, VisionTransformer
 
 ROOT_CONF = str(Path(__file__).resolve().parents[1] / "conf")

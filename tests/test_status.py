@@ -310,7 +310,8 @@ def test_status_cli_json_plot_and_tensorboard(real_run, tmp_path):
 def compose(*overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    import vit.launch  # noqa: F401  the Slurm launcher's config and the resolvers
+    import hydra_plugins.vit_slurm_launcher.vit_slurm_launcher  # noqa: F401  the Slurm launcher's config
+    import vit.config  # noqa: F401  the resolvers
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose("pretrain", overrides=list(overrides))

@@ -9,7 +9,8 @@ import torch
 from datasets import CLASSES, make_imagefolder
 from helpers import ROOT, losses, run_job
 
-from vit.config import ConfigError, accumulation_steps
+from vit.config import accumulation_steps
+from vit.errors import ConfigError
 from vit.journal import read_journal
 from vit.model import build_model
 from vit.optim import param_groups, warmup_cosine

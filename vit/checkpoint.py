@@ -52,26 +52,14 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from vit.config import ConfigError, resume_conflict
+from vit.config import resume_conflict
 from vit.distributed import barrier, broadcast_object
+from vit.errors import CheckpointError, CheckpointRefusedError, CheckpointSaveError, ConfigError
+from vit.run_dir import checkpoints_dir, step_of
 
 COMPLETE = "COMPLETE"
 TRAIN_STATE = "train_state.json"
 SET_ASIDE = "SET_ASIDE.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot serve, or a full disk: the user must act (not requeued)."""
-
-
-class CheckpointRefusedError(CheckpointError):
-    """The safe unpickler refused a class in a checkpoint. Not damage: the checkpoint is most likely
-    fine and was written by other versions (torch, numpy, omegaconf) than those installed now."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save that failed for another reason (an I/O error): the job is requeued, and resumes from
-    the previous checkpoint, which is kept."""
 
 
 # --- reading DCP metadata without arbitrary pickle -------------------------------------------------
@@ -162,11 +150,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 # --- validity -----------------------------------------------------------------------------------
 
 INCOMPLETE = "incomplete (no COMPLETE marker)"
-
-
-def step_of(path: Path) -> int | None:
-    name = path.name
-    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -623,8 +606,8 @@ def _all_ok(ok: bool) -> bool:
 def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
     """A step-N directory as given, or the newest valid one of a run dir or its checkpoints dir."""
     path = Path(checkpoint)
-    if path.name == "checkpoints" or (path / "checkpoints").is_dir():
-        root = path if path.name == "checkpoints" else path / "checkpoints"
+    if path.name == "checkpoints" or checkpoints_dir(path).is_dir():
+        root = path if path.name == "checkpoints" else checkpoints_dir(path)
         valid = valid_checkpoints(root)
         if not valid:
             raise CheckpointError(f"no valid checkpoint in {root}")
@@ -735,7 +718,7 @@ def check_resumable(run_dir: str | os.PathLike, cfg=None) -> str:
     (CheckpointRefusedError for a refusal) or ConfigError; nothing is changed on disk."""
     from vit.tasks import build_task  # which imports this module
 
-    root = Path(run_dir) / "checkpoints"
+    root = checkpoints_dir(run_dir)
     for path in checkpoint_dirs(root):
         if problem_with(path) is None:
             break
@@ -792,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             print(check_resumable(args.run_dir, cfg))
             return 0
         root = Path(args.run_dir)
-        rows = describe(root / "checkpoints" if (root / "checkpoints").is_dir() else root)
+        rows = describe(checkpoints_dir(root) if checkpoints_dir(root).is_dir() else root)
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if args.command == "check" else 1

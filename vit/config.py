@@ -11,12 +11,8 @@ import os
 import re
 from omegaconf import DictConfig, OmegaConf
 
+from vit.errors import ConfigError
 from vit.model import VARIANTS
-
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, problem: str, fix: str):
-        super().__init__(f"{key}: {problem}; {fix}")
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:

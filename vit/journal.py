@@ -19,8 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-JOURNAL = "journal.jsonl"
-
+from vit.run_dir import JOURNAL, read_jsonl
 
 class Journal:
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
@@ -57,13 +56,3 @@ class Journal:
 def read_journal(run_dir: str | os.PathLike) -> list[dict]:
     return read_jsonl(Path(run_dir) / JOURNAL)
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of an append-only JSON-lines file; a line torn by a kill mid-write is left out."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records

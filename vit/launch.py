@@ -5,50 +5,22 @@ User errors (config, data, checkpoint) end in one line on stderr and exit status
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import socket
 import sys
 import time
 import traceback
-from pathlib import Path
 
-from hydra.core.plugins import Plugins
-from hydra_plugins.vit_slurm_launcher.vit_slurm_launcher import VitSlurmLauncher
 from omegaconf import DictConfig
 
-from vit.checkpoint import CheckpointError
-from vit.config import ConfigError, validate
-from vit.data.sources import DataError
+from vit.config import validate
 from vit.distributed import close
+from vit.errors import USER_ERRORS, ConfigError, fail
 from vit.journal import Journal
-from vit.slurm import read_status
+from vit.run_dir import read_status, slurm_dir, write_status
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 STARTED = time.time()
-
-# Hydra's plugin scan cannot see our `hydra_plugins` namespace package through the import hook of an
-# editable install; importing the launcher registers its config, this registers the class.
-Plugins.instance().register(VitSlurmLauncher)
-
-
-def fail(error: Exception) -> None:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def write_status(run_dir: str | os.PathLike, **status) -> None:
-    """`<run_dir>/status.json`: how the last training process ended (read by the requeue logic)."""
-    path = Path(run_dir) / "status.json"
-    tmp = path.with_name(f"status.json.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"time": time.time(), **status}))
-        os.replace(tmp, path)
-    except OSError as e:  # e.g. the disk that just filled up: the error being reported matters more
-        tmp.unlink(missing_ok=True)
-        print(f"warning: could not write {path}: {e}", file=sys.stderr, flush=True)
 
 
 def user_error_reported(run_dir: str | os.PathLike) -> bool:
@@ -102,7 +74,7 @@ def run_slurm_node(cfg: DictConfig) -> None:
 
     from vit.slurm import NodeAgent
 
-    config = Path(cfg.run_dir) / "slurm" / f"config-{os.environ['SLURM_JOB_ID']}.yaml"
+    config = slurm_dir(cfg.run_dir) / f"config-{os.environ['SLURM_JOB_ID']}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     tmp = config.with_name(f"{config.name}.{os.environ.get('SLURM_NODEID', '0')}.tmp")
     OmegaConf.save(cfg, tmp, resolve=True)

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import torch
 
+from vit.run_dir import METRICS
+
 # Dense bf16 peak FLOP/s by device-name fragment (datasheets), the first that matches: the PCIe and
 # NVL parts of a name are slower than its SXM part ("NVIDIA H100 80GB HBM3").
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H800 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
@@ -34,7 +36,7 @@ class MetricsLogger:
         self.enabled, self.total_steps = enabled, total_steps
         self.flops_per_image, self.world_size, self.device = flops_per_image, world_size, device
         self.peak = peak_flops(device)
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
+        self.file = open(os.path.join(run_dir, METRICS), "a") if enabled else None
         show = sys.stderr.isatty() if progress is None else progress
         self.bar = None
         if enabled and show:

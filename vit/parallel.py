@@ -58,7 +58,7 @@ def convert_to_float8(blocks: list[torch.nn.Module], device: torch.device, emula
     with float8 all-gather: FSDP2 gathers float8 weights, half the bytes of bf16. The patch embedding
     and the head stay high precision (small, and the head's 21K-way output is sensitive). Weights
     stay in fp32 (cast per matmul), so checkpoints load with float8 on or off."""
-    from vit.config import ConfigError
+    from vit.errors import ConfigError
 
     if not emulate and not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)):
         found = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

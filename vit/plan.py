@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from vit.config import total_steps
 from vit.data.sources import expected_train_samples
+from vit.status import format_duration
 from vit.tasks import build_task
 
 DEFAULTS = {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
@@ -85,14 +86,6 @@ def plan(cfg: DictConfig) -> dict:
     }
 
 
-def _duration(seconds: float) -> str:
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} days"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
-
-
 def format_plan(p: dict) -> str:
     lines = [
         f"model        {p['model']}: {p['params'] / 1e6:,.1f}M parameters, {p['flops_per_image'] / 1e9:,.1f} GFLOPs "
@@ -101,7 +94,7 @@ def format_plan(p: dict) -> str:
            "pyramid and heads"] if p["head_flops_per_image"] else []),
         f"steps        {p['total_steps']:,} x global batch {p['global_batch']:,} = {p['images']:,} images",
         f"compute      {p['total_flops']:.3e} FLOPs",
-        f"time         {_duration(p['train_s'])} on {p['gpus']} GPU(s) at MFU {p['mfu']:.0%} of {p['peak_tflops']:g} "
+        f"time         {format_duration(p['train_s'])} on {p['gpus']} GPU(s) at MFU {p['mfu']:.0%} of {p['peak_tflops']:g} "
         f"TFLOP/s ({p['images_per_s']:,.0f} img/s, {p['step_s']:.2f} s/step, {p['gpu_hours']:,.0f} GPU-h)",
     ]
     if p["time_limit_min"]:
@@ -117,7 +110,7 @@ def format_plan(p: dict) -> str:
         f"interrupts   {p['expected_interruptions']:.1f} expected at one per {p['mtbi_hours']:g} h (planner.mtbi_hours)",
         f"checkpoint   {p['checkpoint_bytes'] / 1e9:,.2f} GB (fp32 weights + AdamW moments), "
         f"saved in {p['save_s']:.1f} s at {p['fs_gbps']:g} GB/s",
-        f"interval     every {_duration(p['checkpoint_interval_s'])} = {p['checkpoint_interval_steps']:,} steps "
+        f"interval     every {format_duration(p['checkpoint_interval_s'])} = {p['checkpoint_interval_steps']:,} steps "
         f"minimises expected lost work (Young/Daly; overhead {p['overhead_at_interval']:.2%})",
     ]
     if p["configured_every_steps"]:

@@ -22,16 +22,56 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from vit.journal import Journal, read_journal, read_jsonl
+from vit.journal import Journal, read_journal
+from vit.run_dir import STATUS, latest_checkpoint_step, read_jsonl, read_status, requeue_log, slurm_dir
+
+# The node agent's defaults for the plain sbatch scripts; the Hydra launcher passes cluster.* instead.
+MAX_REQUEUES = 40  # a 3-week run in 48 h allocations needs 11; the rest is room for slow or lost steps
+SIGNAL_LEAD_S = 300  # as in the scripts' `#SBATCH --signal=USR2@300` (tests/test_sbatch.py checks it)
+
+# --- the Slurm commands: each one is run from here and nowhere else --------------------------------
 
 
-REQUEUE_LOG = "requeues.jsonl"
+def squeue(job_ids: list[str], fields: str, timeout: float = 60) -> list[list[str]] | None:
+    """squeue's rows (`fields` is its -o format) for the jobs it still knows; None when it does not
+    answer. All IDs unknown (long gone) is an error with nothing on stdout: no rows."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", fields], capture_output=True,
+                             text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.split() for line in out.stdout.splitlines() if line.strip()]
+
+
+def scontrol_show(kind: str, name: str, timeout: float = 60) -> dict[str, str]:
+    """`scontrol show -o KIND NAME` as key=value fields; {} when it does not answer."""
+    try:
+        out = subprocess.run(["scontrol", "show", "-o", kind, name], capture_output=True, text=True,
+                             timeout=timeout).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def job_state(job_id: str | None, timeout: float = 10.0) -> str | None:
+    """squeue while the job is known to the controller, scontrol after; None without Slurm."""
+    if not job_id or not shutil.which("squeue"):
+        return None
+    rows = squeue([str(job_id)], "%T", timeout)
+    if rows:
+        return rows[0][0]
+    return scontrol_show("job", str(job_id), timeout).get("JobState")
+
+
+def scontrol_requeue(job_id: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
 
 
 # --- rendezvous ---------------------------------------------------------------------------------
@@ -42,11 +82,7 @@ def first_node_address() -> str:
     host = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                           check=True, timeout=60).stdout.split()[0]
     # A node's name need not resolve (several slurmd on one host, or site naming): ask Slurm.
-    info = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True, timeout=60).stdout
-    for field in info.split():
-        if field.startswith("NodeAddr="):
-            return field.split("=", 1)[1]
-    return host
+    return scontrol_show("node", host).get("NodeAddr", host)
 
 
 def rendezvous_port(job_id: str) -> int:
@@ -99,23 +135,15 @@ def jobs_of_run(run_dir: str | os.PathLike) -> dict[str, str]:
     ids = {e["job_id"] for e in read_journal(run_dir) if e["event"] in ("submit", "job_start") and e.get("job_id")}
     if not ids:
         return {}
-    try:  # unknown IDs (long gone) are left out; all unknown is an error, with nothing on stdout
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(sorted(ids)), "-o", "%i %T"], capture_output=True,
-                             text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    jobs = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+    jobs = dict(row for row in squeue(sorted(ids), "%i %T") or [] if len(row) == 2)
     return {job: state for job, state in jobs.items() if state not in ENDED}
 
 
 def time_left_s(job_id: str) -> float | None:
     """Seconds to the job's time limit: squeue's answer, else the end time Slurm put in the job's
     environment; None if neither is known (a slow or failing squeue must not cost the decision)."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=60)
-        text = out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        text = ""
+    rows = squeue([job_id], "%L")
+    text = rows[0][0] if rows else ""
     if text in ("UNLIMITED", "NOT_SET", "INVALID"):
         return None
     if not text:
@@ -146,24 +174,7 @@ def classify_stop(kind: str | None, seconds_left: float | None, signal_lead_s: f
 def read_log(run_dir: Path) -> list[dict]:
     """The requeue log's records; a line torn by a kill mid-write is left out rather than making every
     later requeue decision fail."""
-    return read_jsonl(run_dir / "slurm" / REQUEUE_LOG)
-
-
-def read_status(run_dir: str | os.PathLike) -> dict:
-    """`<run_dir>/status.json` (vit.launch.write_status); {} when absent: the rank died before writing it."""
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def latest_checkpoint_step(run_dir: Path) -> int | None:
-    """The step named by `checkpoints/latest` (rewritten after every commit); read without torch."""
-    try:
-        name = (run_dir / "checkpoints" / "latest").read_text().strip()
-    except OSError:
-        return None
-    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+    return read_jsonl(requeue_log(run_dir))
 
 
 def requeue_decision(status: dict, cause: str | None, history: list[dict], max_requeues: int,
@@ -263,7 +274,7 @@ class NodeAgent:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})  # one held since start arrives now
-        (self.run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+        slurm_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
         if self.node_id == 0:
             # Another job training here (e.g. a second sbatch of the same script): leave the run to it,
             # its status and checkpoints untouched. One still waiting in the queue will find this one.
@@ -272,7 +283,7 @@ class NodeAgent:
                 job_id, state = min(other.items())
                 self.log(f"not training: job {job_id} ({state}) trains in {self.run_dir}; this job ends here")
                 return 1
-            (self.run_dir / "status.json").unlink(missing_ok=True)  # a stale status must not steer the decision
+            (self.run_dir / STATUS).unlink(missing_ok=True)  # a stale status must not steer the decision
         cmd = torchrun_command(self.worker, self.procs_per_node)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         self.log(f"restart {restart}: {shlex.join(cmd)}")
@@ -312,7 +323,7 @@ class NodeAgent:
         reported the failure (its peers' collectives fail once these workers are gone) and the
         agent there had time to decide, which ends this job if it requeues it."""
         deadline = time.monotonic() + wait_s
-        while not (self.run_dir / "status.json").exists() and time.monotonic() < deadline:
+        while not (self.run_dir / STATUS).exists() and time.monotonic() < deadline:
             time.sleep(1)
         time.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
 
@@ -325,7 +336,7 @@ class NodeAgent:
             if attempt:
                 time.sleep(wait_s * 2 ** (attempt - 1))
             try:
-                out = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True, text=True, timeout=120)
+                out = scontrol_requeue(self.job_id)
             except (OSError, subprocess.SubprocessError) as e:
                 error = str(e)
                 continue
@@ -373,7 +384,7 @@ class NodeAgent:
             self.log(f"requeueing: {reason}")
             # Logged first: once requeued, Slurm ends this job's processes, and the log is what the
             # limits and the crash-loop check count. Taken back if the requeue fails.
-            log = self.run_dir / "slurm" / REQUEUE_LOG
+            log = requeue_log(self.run_dir)
             before = log.stat().st_size if log.exists() else 0
             with open(log, "a") as f:
                 f.write(json.dumps({"time": time.time(), "job_id": self.job_id, "restart": int(
@@ -397,10 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         "rendezvous from the Slurm environment, the stop-signal path, and the requeue decision (node 0).")
     parser.add_argument("--run-dir", required=True, help="the run directory SCRIPT writes (status.json, checkpoints)")
     parser.add_argument("--procs-per-node", type=int, default=1, help="ranks on this node (one per GPU)")
-    parser.add_argument("--max-requeues", type=int, default=40, help="time-limit requeues before giving up")
+    # The defaults of the plain sbatch scripts (sbatch/common.sh passes these only when they are set).
+    parser.add_argument("--max-requeues", type=int, default=MAX_REQUEUES, help="time-limit requeues before giving up")
     parser.add_argument("--crash-loop-limit", type=int, default=3,
                         help="failures in a row without a new checkpoint before requeueing stops")
-    parser.add_argument("--signal-lead-s", type=float, default=300, help="the lead of sbatch --signal=USR2@LEAD")
+    parser.add_argument("--signal-lead-s", type=float, default=SIGNAL_LEAD_S, help="the lead of sbatch --signal=USR2@LEAD")
     parser.add_argument("worker", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...], run by torchrun on every rank")
     args = parser.parse_args(argv)
     worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker

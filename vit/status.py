@@ -44,15 +44,15 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from vit.journal import JOURNAL, read_journal
+from vit.journal import read_journal
+from vit.run_dir import JOURNAL
+from vit.slurm import job_state
 
 TERMINAL = ("exit", "crash", "requeue", "agent_exit")
 CATEGORIES = ("training", "startup", "checkpoint", "lost", "evaluation", "other")
@@ -252,25 +252,6 @@ def _queue_wait(events: list[dict]) -> tuple[float, float | None]:
     return waited, (time.time() - since if since is not None else None)
 
 
-def slurm_job_state(job_id: str | None, timeout: float = 10.0) -> str | None:
-    """squeue while the job is known to the controller, scontrol after; None without Slurm."""
-    if not job_id or not shutil.which("squeue"):
-        return None
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=timeout)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
-        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                             timeout=timeout)
-        for field in out.stdout.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
 # --- the summary -----------------------------------------------------------------------------------
 
 def summarize(run_dir: str | os.PathLike, slurm: bool = True, recent: int = 5) -> dict:
@@ -336,7 +317,7 @@ def summarize(run_dir: str | os.PathLike, slurm: bool = True, recent: int = 5) -
         "epoch": last_metric.get("epoch"), "loss": last_metric.get("loss"), "lr": last_metric.get("lr"),
         "images_per_s": images_per_s, "mfu": sum(mfus) / len(mfus) if mfus else None, "eta_s": eta,
         "run_state": _ending(allocs[-1]) if allocs else ("queued" if submits else None),
-        "job_id": job_id, "job_state": slurm_job_state(job_id) if slurm else None,
+        "job_id": job_id, "job_state": job_state(job_id) if slurm else None,
         "restarts": sum(causes.values()), "restart_causes": dict(causes),
         "crashes": sum(1 for e in events if e["event"] == "crash"),
         "goodput": breakdown["training"], "breakdown": breakdown,
@@ -353,7 +334,7 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
 
 # --- text, plot, TensorBoard -----------------------------------------------------------------------
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     s = int(round(seconds))
@@ -372,15 +353,15 @@ def format_summary(s: dict) -> str:
         f"run      {s['run_dir']}{job}  [{s['run_state'] or 'no journal'}]",
         f"step     {num(s['step'], ',')}/{num(s['total_steps'], ',')}{pct}  epoch {num(s['epoch'], '')}  "
         f"loss {num(s['loss'], '.4f')}  {num(s['images_per_s'], ',.1f')} img/s  MFU {num(s['mfu'], '.1%')}  "
-        f"ETA {_duration(s['eta_s'])}",
+        f"ETA {format_duration(s['eta_s'])}",
         f"restarts {s['restarts']}" + (f" ({causes})" if causes else "") + f"  crashes {s['crashes']}",
     ]
     if s["goodput"] is not None:
         parts = ", ".join(f"{k} {v:.1%}" for k, v in s["breakdown"].items() if k != "training")
         lines.append(f"goodput  {s['goodput']:.1%} of {s['allocated_gpu_s'] / 3600:,.2f} GPU-h allocated ({parts})")
     if s["job_id"]:  # queue wait exists only under Slurm
-        lines.append(f"queued   {_duration(s['queue_wait_s'])} in total"
-                     + (f", waiting now for {_duration(s['waiting_s'])}" if s["waiting_s"] is not None else ""))
+        lines.append(f"queued   {format_duration(s['queue_wait_s'])} in total"
+                     + (f", waiting now for {format_duration(s['waiting_s'])}" if s["waiting_s"] is not None else ""))
     return "\n".join(lines)
 
 

@@ -23,12 +23,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from vit.checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
+from vit.checkpoint import load_pretrained, resolve_checkpoint
 from vit.data.ade20k import IGNORE_INDEX
 from vit.data.loader import SeededSamples, WorkerSafeLoader, collate_samples
 from vit.data.sources import build_source
 from vit.distributed import World, all_reduce_max, all_reduce_sum, broadcast_object
+from vit.errors import CheckpointError
 from vit.model import VARIANTS, build_model, train_flops_per_image
+from vit.run_dir import eval_dir
 
 
 class EvalSplit:
@@ -417,7 +419,7 @@ def build_task(cfg: DictConfig) -> Task:
 
 def write_evaluation(run_dir: Path, step: int, metrics: dict) -> Path:
     """`<run_dir>/eval/step-N.json` and `eval/latest.json`: the full result, per-class values included."""
-    out = run_dir / "eval"
+    out = eval_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"step": step, **metrics}, indent=1)
     (out / f"step-{step}.json").write_text(text)

@@ -19,12 +19,13 @@ from torch.distributed.fsdp import FSDPModule
 from vit.checkpoint import Checkpointer, allow_classes, versions
 from vit.config import accumulation_steps, config_changes, resume_conflict, total_steps
 from vit.data.loader import DataPosition, build_loader
-from vit.data.sources import DataError
 from vit.distributed import all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed
+from vit.errors import DataError
 from vit.journal import Journal
 from vit.metrics import MetricsLogger
 from vit.optim import build_optimizer, clip_grad_norm_, learning_rate, set_lr
 from vit.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model
+from vit.run_dir import checkpoints_dir, eval_dir
 from vit.stop import StopRequest
 from vit.tasks import build_task, classification_loss, write_evaluation
 
@@ -134,7 +135,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
 
     # --- resume ----------------------------------------------------------------------------------
     journal = Journal(run_dir, enabled=main)
-    ckpt = Checkpointer(run_dir / "checkpoints", world.rank, keep=cfg.checkpoint.keep,
+    ckpt = Checkpointer(checkpoints_dir(run_dir), world.rank, keep=cfg.checkpoint.keep,
                         keep_every=cfg.checkpoint.keep_every, every_steps=cfg.checkpoint.every_steps,
                         every_minutes=cfg.checkpoint.every_minutes, async_save=cfg.checkpoint.async_save,
                         journal=journal)
@@ -179,7 +180,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> dict:
                       f"(was {resumed['total_steps']})", flush=True)
     # A stop skips the evaluation due at its step (it must not delay the save's exit): it is owed now.
     owed_eval = (val_source is not None and step > 0 and (step % cfg.train.eval_every == 0 or step >= steps)
-                 and not broadcast_object((run_dir / "eval" / f"step-{step}.json").exists()))
+                 and not broadcast_object((eval_dir(run_dir) / f"step-{step}.json").exists()))
     if step >= steps:
         if owed_eval:
             logger = MetricsLogger(str(run_dir), main, steps, step, 0.0, world.world_size, device, progress=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
@@ -76,9 +77,10 @@ class VitSlurmLauncher(SlurmLauncher):
         import submitit
 
         from vit.checkpoint import allow_classes, check_resumable
-        from vit.config import ConfigError, validate, validate_submission
+        from vit.config import validate, validate_submission
+        from vit.errors import USER_ERRORS, ConfigError, fail
         from vit.journal import Journal
-        from vit.launch import USER_ERRORS, fail
+        from vit.run_dir import slurm_dir
         from vit.slurm import jobs_of_run, submitit_python
 
         values: dict[str, set[str]] = {}
@@ -120,7 +122,7 @@ class VitSlurmLauncher(SlurmLauncher):
             params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
             params.pop("_target_", None)
             wait = params.pop("wait", False)
-            folder = Path(cfg.run_dir) / "slurm"
+            folder = slurm_dir(cfg.run_dir)
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_python=submitit_python(),
                                              slurm_max_num_timeout=params.pop("max_num_timeout"))
             params.pop("submitit_folder", None)
@@ -172,3 +174,10 @@ def _print_submission(job, cfg, folder: Path) -> None:
           f"  logs    : {folder.resolve()}/{job.job_id}_<node>_log.out (and .err)\n"
           f"  follow  : squeue -j {job.job_id}; tail -f {folder.resolve()}/{job.job_id}_0_log.out\n"
           f"  metrics : {run_dir}/metrics.jsonl; python -m vit.checkpoint ls {run_dir}", flush=True)
+
+
+def register() -> None:
+    """Called by the entry points in jobs/: Hydra's plugin scan cannot see this namespace package
+    through the import hook of an editable install. Importing this module registers the config; this
+    registers the class. Not at import: the scan itself imports this module."""
+    Plugins.instance().register(VitSlurmLauncher)

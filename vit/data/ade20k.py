@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit.data.imagefolder import DataError
+from vit.errors import DataError
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _Normalize, decode, open_image
 
 SPLITS = {"train": "training", "val": "validation"}

@@ -28,13 +28,10 @@ import numpy as np
 import torch
 
 from vit.data.transforms import open_image
+from vit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INDEX_VERSION = 1
-
-
-class DataError(ValueError):
-    """A dataset or data-config problem the user has to fix; the message is one line."""
 
 
 def is_image(name: str) -> bool:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import re
 
-from vit.data.imagefolder import DataError, is_image
+from vit.data.imagefolder import is_image
+from vit.errors import DataError
 from vit.data.shards import list_shards, shard_splits
 from vit.data.synset_tars import gzip_error, is_gzipped
 

@@ -36,7 +36,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from vit.data.imagefolder import DataError, ImageFolder, cached_index, map_classes
+from vit.data.imagefolder import ImageFolder, cached_index, map_classes
+from vit.errors import DataError
 from vit.data.transforms import open_image
 
 CLASSES_FILE = "classes.json"

@@ -40,15 +40,16 @@ import torch
 
 from vit.data.ade20k import ADE20K, check_ade20k
 from vit.data.coco import CocoDetection, check_coco
-from vit.data.imagefolder import DataError, ImageFolder, check_classes, list_class_dirs
+from vit.data.imagefolder import ImageFolder, check_classes, list_class_dirs
 from vit.data.layout import datasets_below, detect, parent_error
 from vit.data.loader import Source
 from vit.data.shards import Shards, list_shards, read_classes
 from vit.data.synset_tars import SynsetTars, gzip_error, is_gzipped, list_synset_tars
 from vit.data.synthetic import SyntheticImages
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from vit.errors import DataError
 
-__all__ = ["DataError", "Subset", "build_source", "check_data", "holdout_mask"]
+__all__ = ["Subset", "build_source", "check_data", "holdout_mask"]
 
 READERS = {"imagefolder": ImageFolder, "shards": Shards, "synset_tars": SynsetTars}
 FORMATS = ("auto", "synthetic", *READERS, "coco", "ade20k")

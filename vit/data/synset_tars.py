@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from vit.data.imagefolder import DataError, cached_index, is_image
+from vit.data.imagefolder import cached_index, is_image
+from vit.errors import DataError
 from vit.data.shards import TarSamples, fingerprint, index_in_parallel, samples_index
 
 

@@ -1,0 +1,86 @@
+"""The run directory: every path under it, and its small records. Free of torch (the node agent reads it).
+
+    <run_dir>/
+      status.json            how the last training process ended (rank 0; any rank for a user error)
+      journal.jsonl          append-only record of what happened to the run (vit/journal.py)
+      metrics.jsonl          one line per logged step (vit/metrics.py)
+      checkpoints/step-N/    sharded checkpoints (vit/checkpoint.py); checkpoints/latest names the newest
+      eval/step-N.json       evaluations; eval/latest.json is the newest
+      slurm/                 job logs, the composed config of each job, requeues.jsonl (the agent's decisions)
+
+A run directory written by an older version of the toolkit has the same layout and resumes as is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+STATUS = "status.json"
+JOURNAL = "journal.jsonl"
+METRICS = "metrics.jsonl"
+REQUEUE_LOG = "requeues.jsonl"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def eval_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "eval"
+
+
+def slurm_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "slurm"
+
+
+def requeue_log(run_dir: str | os.PathLike) -> Path:
+    return slurm_dir(run_dir) / REQUEUE_LOG
+
+
+def step_of(path: str | os.PathLike) -> int | None:
+    """N for a `step-N` name, else None."""
+    name = Path(path).name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def latest_checkpoint_step(run_dir: str | os.PathLike) -> int | None:
+    """The step named by `checkpoints/latest` (rewritten after every commit)."""
+    try:
+        return step_of((checkpoints_dir(run_dir) / "latest").read_text().strip())
+    except OSError:
+        return None
+
+
+def write_status(run_dir: str | os.PathLike, **status) -> None:
+    """How the last training process ended (read by the requeue decision), replaced atomically."""
+    path = Path(run_dir) / STATUS
+    tmp = path.with_name(f"{STATUS}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"time": time.time(), **status}))
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. the disk that just filled up: the error being reported matters more
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write {path}: {e}", file=sys.stderr, flush=True)
+
+
+def read_status(run_dir: str | os.PathLike) -> dict:
+    """{} when absent: the rank died before writing it."""
+    try:
+        return json.loads((Path(run_dir) / STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of an append-only JSON-lines file; a line torn by a kill mid-write is left out."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
