@@ -31,27 +31,27 @@ def user_error_reported(run_dir: str | os.PathLike) -> bool:
 
 def run_training(cfg: DictConfig) -> dict:
     """Train in this process (a rank of torchrun, or a single process) and record how it ended."""
-    from vit.train import train
+    from vit.train import TrainState, train
 
     rank = int(os.environ.get("RANK", 0))
-    progress: dict = {}
+    state = TrainState()
     try:
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        summary = train(cfg, progress)
+        summary = train(cfg, state)
     except USER_ERRORS as e:
         # Every rank reports it: one on a node whose dataset mount is missing must stop the requeues too.
         where = f" (rank {rank} on {socket.gethostname()})" if rank else ""
         write_status(cfg.run_dir, state="failed", error=f"{e}{where}", user_error=True)
         if rank == 0:
-            Journal(cfg.run_dir).write("user_error", progress.get("step"), error=str(e))
+            Journal(cfg.run_dir).write("user_error", state.reported_step, error=str(e))
         fail(e)
     except BaseException as e:
         if rank == 0 and not user_error_reported(cfg.run_dir):  # else that error is what this rank died of
             last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
             where = f"{last.filename}:{last.lineno}" if last else "?"
             error = f"{type(e).__name__}: {e}"[:500]
-            write_status(cfg.run_dir, state="failed", error=error, where=where, step=progress.get("step"))
-            Journal(cfg.run_dir).write("crash", progress.get("step"), error=error, where=where)
+            write_status(cfg.run_dir, state="failed", error=error, where=where, step=state.reported_step)
+            Journal(cfg.run_dir).write("crash", state.reported_step, error=error, where=where)
         raise
     finally:
         # Python restores default handlers while it shuts down, and USR2's default is to die: a stop
