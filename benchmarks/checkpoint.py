@@ -37,12 +37,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs from a checkout without `pip install`
 
-from vit.checkpoint import Checkpointer  # noqa: E402
-from vit.distributed import close, init_distributed  # noqa: E402
-from vit.model import IN21K_CLASSES, build_model  # noqa: E402
-from vit.optim import build_optimizer  # noqa: E402
-from vit.parallel import shard_model  # noqa: E402
-from vit.train import train_step  # noqa: E402
+from vit.engine.checkpoint import Checkpointer  # noqa: E402
+from vit.engine.distributed import close, init_distributed  # noqa: E402
+from vit.engine.optim import build_optimizer  # noqa: E402
+from vit.engine.parallel import shard_model  # noqa: E402
+from vit.engine.train import train_step  # noqa: E402
+from vit.models.vit import IN21K_CLASSES, build_model  # noqa: E402
 
 GB = 1e9
 

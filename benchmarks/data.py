@@ -134,7 +134,8 @@ def timed_index(build) -> tuple[object, float]:
 
 
 def torchvision_dataset(root: Path):
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
     return datasets.ImageFolder(str(root), transform=T.Compose([
         T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))

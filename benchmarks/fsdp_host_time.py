@@ -5,7 +5,7 @@ A ViT-H-shaped model (32 blocks, ViT-H's parameter tensors per block) made so na
 28 px, batch 2) that the step is almost all host-side work: FSDP2's hooks, casts and copies per
 unit and per parameter, and the optimizer. That host time is what bounded our ViT-H step on an
 H200 at micro-batch 32-64; here it can be measured on any machine. Each wrapping runs
-`shard_model` (bf16 policy), fused AdamW and `vit.train.train_step`, in turns after a warm-up;
+`shard_model` (bf16 policy), fused AdamW and `vit.engine.train.train_step`, in turns after a warm-up;
 the median step is compared with the first row (FSDP2's defaults) of the same run. A second
 table accumulates 4 micro-batches under the recipe's wrapping and compares gathering and
 reduce-scattering once per step (`train_step`'s default) with once per micro-batch.
@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs from a checkout without `pip install`
 
-from vit.distributed import close, init_distributed  # noqa: E402
-from vit.model import Variant, VisionTransformer  # noqa: E402
-from vit.optim import build_optimizer  # noqa: E402
-from vit.parallel import shard_model  # noqa: E402
-from vit.train import train_step  # noqa: E402
+from vit.engine.distributed import close, init_distributed  # noqa: E402
+from vit.engine.optim import build_optimizer  # noqa: E402
+from vit.engine.parallel import shard_model  # noqa: E402
+from vit.engine.train import train_step  # noqa: E402
+from vit.models.vit import Variant, VisionTransformer  # noqa: E402
 
 # (blocks per unit, reshard after forward): FSDP2's defaults first, as the baseline.
 WRAPPINGS = [(1, True), (1, False), (2, False), (4, False), (8, False)]

@@ -60,8 +60,8 @@ if ! "$PY" -c 'import omegaconf, torchao' 2>/dev/null && compgen -G '.whl/*.whl'
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/vit-deps .whl/*.whl 2>&1 | tail -2 | tee -a "$OUT/env.txt"
   export PYTHONPATH=/tmp/vit-deps${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$PY" -c 'import vit.train' 2>&1 | tee -a "$OUT/env.txt"; then
-  echo "vit.train does not import: carry .whl (omegaconf) or 'pip install -e .'" | tee -a "$OUT/env.txt"
+if ! PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$PY" -c 'import vit.engine.train' 2>&1 | tee -a "$OUT/env.txt"; then
+  echo "vit.engine.train does not import: carry .whl (omegaconf) or 'pip install -e .'" | tee -a "$OUT/env.txt"
 fi
 
 # DRY=1: the same flow with tiny models on any machine, to check this script.

@@ -3,7 +3,7 @@
 
 "ours" is exactly what the loop runs: `init_distributed()` (a group of one), `build_model`,
 `shard_model` (FSDP2 with the real mixed-precision policy and the recipe's `fsdp` wrapping),
-`build_optimizer` (fused AdamW) and `vit.train.train_step` with clipping 1.0, in a process whose
+`build_optimizer` (fused AdamW) and `vit.engine.train.train_step` with clipping 1.0, in a process whose
 host memory is set up as the loop's is (`init_distributed`).
 "timm" is `timm.create_model('<name>_224')` with autocast (bf16 on CUDA), fused AdamW,
 `clip_grad_norm_` and cross-entropy. The two take turns
@@ -49,12 +49,12 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs from a checkout without `pip install`
 
-from vit.distributed import close, init_distributed  # noqa: E402
-from vit.metrics import peak_flops  # noqa: E402
-from vit.model import IN21K_CLASSES, build_model, train_flops_per_image  # noqa: E402
-from vit.optim import build_optimizer  # noqa: E402
-from vit.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model  # noqa: E402
-from vit.train import train_step  # noqa: E402
+from vit.engine.distributed import close, init_distributed  # noqa: E402
+from vit.engine.metrics import peak_flops  # noqa: E402
+from vit.engine.optim import build_optimizer  # noqa: E402
+from vit.engine.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model  # noqa: E402
+from vit.engine.train import train_step  # noqa: E402
+from vit.models.vit import IN21K_CLASSES, build_model, train_flops_per_image  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPE = OmegaConf.load(CONF / "pretrain.yaml")

@@ -13,7 +13,7 @@
 #   MINICLUSTER_TIMEOUT    seconds `up` waits for the nodes (default 60)
 #   MINICLUSTER_LOG_LINES  lines per log for `logs` and failure reports (default 200)
 #
-# Slurm 22.05 facts that shape this file (see /work/shared/NOTES.md):
+# Slurm 22.05 facts that shape this file:
 #   * requeued jobs stay PENDING with Reason=BeginTime for AuthInfo cred_expire
 #     (120 s by default); tests release them with `scontrol update JobId=N StartTime=now`.
 #   * with preempt_send_user_signal, a preempted job gets its --signal at once; if it

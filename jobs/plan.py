@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from hydra_plugins.vit_slurm_launcher.vit_slurm_launcher import register
-from vit.plan import format_plan, plan
+from vit.cluster.plan import format_plan, plan
 
 register()  # hydra/launcher=vit_slurm, which the cluster configs select
 

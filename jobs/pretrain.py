@@ -1,16 +1,16 @@
 """Pretrain a ViT: `python jobs/pretrain.py [overrides]` here, `-m cluster=sg_h100` on Slurm."""
 import hydra
-from hydra_plugins.vit_slurm_launcher.vit_slurm_launcher import register
 from omegaconf import DictConfig
 
-import vit.launch
+import vit.cluster.launch
+from hydra_plugins.vit_slurm_launcher.vit_slurm_launcher import register
 
 register()  # hydra/launcher=vit_slurm, which the cluster configs select
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
 def main(cfg: DictConfig):
-    return vit.launch.main(cfg)
+    return vit.cluster.launch.main(cfg)
 
 
 if __name__ == "__main__":

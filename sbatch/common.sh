@@ -1,5 +1,5 @@
 # Shared by sbatch/finetune_*.sh (sourced there, never run alone): settings from the environment,
-# output into the run directory, and one node agent per node (vit/slurm.py). The agent starts
+# output into the run directory, and one node agent per node (vit/cluster/agent.py). The agent starts
 # torchrun with the rendezvous on the first node, turns the USR2 of --signal (time limit or
 # preemption) into a coordinated checkpoint-and-stop of every rank, and on node 0 requeues the job
 # (scontrol requeue). The requeued job runs this script again and resumes from the newest checkpoint.
@@ -14,8 +14,8 @@
 #                   (each word is one argument; nothing is evaluated by the shell). They are composed
 #                   once before srun: a typo ends the job there, not requeued.
 #   PROCS_PER_NODE  ranks per node                  [the GPUs Slurm gave the node, else 1]
-#   MAX_REQUEUES    time-limit requeues allowed     [python -m vit.slurm's default]
-#   SIGNAL_LEAD_S   the lead of --signal=USR2@LEAD  [python -m vit.slurm's default, as in the #SBATCH line]
+#   MAX_REQUEUES    time-limit requeues allowed     [python -m vit.cluster.agent's default]
+#   SIGNAL_LEAD_S   the lead of --signal=USR2@LEAD  [python -m vit.cluster.agent's default, as in the #SBATCH line]
 #   PYTHON          interpreter with the project installed [python3]
 #   VIT_HOME        the repository                  [the one holding the submitted script]
 
@@ -60,7 +60,7 @@ vit_finetune() {
     echo "error: the settings above do not make a valid config; the job ends here and is not requeued"
     exit 1
   fi
-  if ! "${PYTHON:-python3}" -m vit.checkpoint check "$run_dir" --config "$composed"; then
+  if ! "${PYTHON:-python3}" jobs/checkpoint.py check "$run_dir" --config "$composed"; then
     echo "error: the run cannot resume (above); the job ends here and is not requeued"
     exit 1
   fi
@@ -70,5 +70,5 @@ vit_finetune() {
   # One agent per node; without B: in --signal, Slurm sends USR2 to each of them.
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 --open-mode=append \
     --output="$run_dir/slurm/job-$SLURM_JOB_ID-node%n.out" \
-    "${PYTHON:-python3}" -m vit.slurm "${agent[@]}" -- jobs/finetune.py "${args[@]}"
+    "${PYTHON:-python3}" -m vit.cluster.agent "${agent[@]}" -- jobs/finetune.py "${args[@]}"
 }

@@ -23,17 +23,17 @@ def _entry(rank, fn, world_size, port, args):
     fn(rank, *args)  # a failure raises here and reaches mp.spawn as before
     # Done and the group closed: skip interpreter teardown, where gloo's native threads have been
     # seen to abort a finished worker ("terminate called without an active exception"), as
-    # vit.launch does for its workers.
+    # vit.cluster.worker does for its workers.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
 def clip_matches_unsharded(rank, out_dir):
-    from vit.distributed import close, init_distributed
-    from vit.model import build_model
-    from vit.optim import clip_grad_norm_
-    from vit.parallel import shard_model
+    from vit.engine.distributed import close, init_distributed
+    from vit.engine.optim import clip_grad_norm_
+    from vit.engine.parallel import shard_model
+    from vit.models.vit import build_model
 
     world = init_distributed("cpu")
     torch.manual_seed(0)
@@ -60,11 +60,11 @@ def accumulation_syncs_once(rank, out_dir):
     and step instead of one per micro-batch, for the same update."""
     import torch.distributed as dist
 
-    from vit.distributed import close, init_distributed
-    from vit.model import build_model
-    from vit.optim import build_optimizer
-    from vit.parallel import shard_model
-    from vit.train import train_step
+    from vit.engine.distributed import close, init_distributed
+    from vit.engine.optim import build_optimizer
+    from vit.engine.parallel import shard_model
+    from vit.engine.train import train_step
+    from vit.models.vit import build_model
 
     world = init_distributed("cpu")
     calls = {"all_gather_single": 0, "reduce_scatter_single": 0}
@@ -114,12 +114,12 @@ class InfiniteGradient(torch.autograd.Function):
 def nonfinite_step_is_skipped(rank, out_dir):
     """A micro-batch whose gradient is not finite on one rank leaves every rank's weights and AdamW
     state bitwise as they were; the next finite step trains as usual."""
-    from vit.distributed import close, init_distributed
-    from vit.model import build_model
-    from vit.optim import build_optimizer
-    from vit.parallel import shard_model
-    from vit.tasks import classification_loss
-    from vit.train import train_step
+    from vit.engine.distributed import close, init_distributed
+    from vit.engine.optim import build_optimizer
+    from vit.engine.parallel import shard_model
+    from vit.engine.train import train_step
+    from vit.models.vit import build_model
+    from vit.tasks.classification import classification_loss
 
     world = init_distributed("cpu")
     torch.manual_seed(0)
@@ -157,8 +157,9 @@ def nonfinite_step_is_skipped(rank, out_dir):
 def coco_scoring_failure_fails_every_rank(rank, root, out_dir):
     """Only rank 0 scores (COCOeval); its failure must reach the others, or they hang in the next step."""
     import vit.tasks
+    import vit.tasks.coco
     from vit.data.coco import CocoDetection as CocoSource
-    from vit.distributed import close, init_distributed
+    from vit.engine.distributed import close, init_distributed
 
     world = init_distributed("cpu")
     source = CocoSource(root, "val", img_size=64, train=False)
@@ -172,7 +173,7 @@ def coco_scoring_failure_fails_every_rank(rank, root, out_dir):
     def broken_scoring(*args):
         raise KeyError("info")
 
-    vit.tasks.coco_ap = broken_scoring
+    vit.tasks.coco.coco_ap = broken_scoring
     try:
         task.evaluate(nothing_found, source, world)
     except RuntimeError as e:

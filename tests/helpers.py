@@ -36,6 +36,13 @@ def run_job(run_dir: Path, *overrides: str, nproc: int = 1, env: dict | None = N
     return proc
 
 
+def checkpoint_cli(argv: list[str]) -> int:
+    """`python jobs/checkpoint.py ARGV`, in this process (its output reaches capsys)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "jobs" / "checkpoint.py"))["main"](argv)
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss; a resumed run appends, and a repeated step keeps its latest value."""
     out = {}
@@ -59,7 +66,7 @@ def plant_refused_class(checkpoint: Path, where: str) -> str:
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from vit.checkpoint import SafeReader
+    from vit.engine.checkpoint import SafeReader
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: "assuming the intent is to load in a single process"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, losses, plant_refused_class, run_job
+from helpers import ROOT, TINY, checkpoint_cli, losses, plant_refused_class, run_job
 
-from vit.checkpoint import COMPLETE, Checkpointer, main as checkpoint_cli, problem_with, valid_checkpoints
+from vit.engine.checkpoint import COMPLETE, Checkpointer, problem_with, valid_checkpoints
 
 STEPS = "train.steps=20"  # 256 samples / global batch 16 = 16 steps an epoch: 20 crosses an epoch boundary
 
@@ -135,7 +135,7 @@ def reference(tmp_path_factory) -> Path:
 # --- unit tests of the Checkpointer -----------------------------------------------------------------
 
 def test_checkpoint_before_the_first_step_writes_nothing(tmp_path):
-    from vit.model import build_model
+    from vit.models.vit import build_model
 
     model = build_model("vit_tiny_patch16", num_classes=3, img_size=32)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -263,8 +263,7 @@ def test_a_pickled_call_in_a_checkpoint_is_refused_never_run_and_never_skipped(t
 def test_a_save_that_fails_for_another_reason_than_a_full_disk_is_not_a_user_error(tmp_path):
     """A read-only checkpoint directory (a real I/O error): one clear error of the kind the Slurm
     agent requeues (a full disk, by contrast, is the user's to fix), and the earlier checkpoint kept."""
-    from vit.errors import CheckpointError, CheckpointSaveError
-    from vit.errors import USER_ERRORS
+    from vit.errors import USER_ERRORS, CheckpointError, CheckpointSaveError
 
     if os.geteuid() != 0:
         if os.environ.get("CI", "").lower() == "true":
@@ -292,10 +291,10 @@ def test_a_save_that_fails_for_another_reason_than_a_full_disk_is_not_a_user_err
 
 
 def test_retention_checks_each_checkpoint_once(tmp_path, monkeypatch):
-    import vit.checkpoint
+    import vit.engine.checkpoint
     checked = []
-    real = vit.checkpoint.problem_with
-    monkeypatch.setattr(vit.checkpoint, "problem_with", lambda p: checked.append(p.name) or real(p))
+    real = vit.engine.checkpoint.problem_with
+    monkeypatch.setattr(vit.engine.checkpoint, "problem_with", lambda p: checked.append(p.name) or real(p))
     root = tmp_path / "checkpoints"
     ckpt = Checkpointer(root, 0, keep=2, keep_every=2)
     for step in range(1, 6):
@@ -307,7 +306,7 @@ def test_retention_checks_each_checkpoint_once(tmp_path, monkeypatch):
 def test_a_restart_checks_checkpoints_newest_first_until_one_loads(tmp_path, monkeypatch):
     """Each check reads the whole .metadata (~1 s for ViT-H on 32 ranks) while the other ranks wait:
     a restart reads only as many as it needs, and the commit after it none again."""
-    import vit.checkpoint
+    import vit.engine.checkpoint
     model = torch.nn.Linear(8, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 8)).sum().backward()
@@ -319,8 +318,8 @@ def test_a_restart_checks_checkpoints_newest_first_until_one_loads(tmp_path, mon
             ckpt.save(step, model, optimizer, {"world_size": 1})
         (tmp_path / "checkpoints/step-3/COMPLETE").unlink()  # killed before its commit
         checked = []
-        real = vit.checkpoint.problem_with
-        monkeypatch.setattr(vit.checkpoint, "problem_with", lambda p: checked.append(p.name) or real(p))
+        real = vit.engine.checkpoint.problem_with
+        monkeypatch.setattr(vit.engine.checkpoint, "problem_with", lambda p: checked.append(p.name) or real(p))
         restarted = Checkpointer(tmp_path / "checkpoints", 0, keep=3)
         assert restarted.load_latest(model, optimizer)["step"] == 2
         assert checked == ["step-3", "step-2"]
@@ -380,11 +379,11 @@ def _adamw_round_trip(rank: int, root: Path) -> None:
     """On each rank: train 2 steps, save, restore into a fresh model and optimizer, compare exactly."""
     from torch.distributed.tensor import DTensor
 
-    from vit.distributed import close, init_distributed
-    from vit.model import build_model
-    from vit.optim import build_optimizer
-    from vit.parallel import shard_model
-    from vit.train import train_step
+    from vit.engine.distributed import close, init_distributed
+    from vit.engine.optim import build_optimizer
+    from vit.engine.parallel import shard_model
+    from vit.engine.train import train_step
+    from vit.models.vit import build_model
 
     world = init_distributed("cpu")
     cpu = torch.device("cpu")
@@ -677,7 +676,7 @@ def test_the_config_is_the_truth_on_resume(tmp_path, reference):
     """Changed optimizer hyper-parameters apply to the resumed run (the checkpoint's param groups
     would override them), per-parameter state still comes from the checkpoint, and the change is
     printed and journaled."""
-    from vit.checkpoint import byte_items
+    from vit.engine.checkpoint import byte_items
 
     run = copy_run(reference, tmp_path / "run", upto_step=16)
     saved = json.loads((run / "checkpoints/step-16/train_state.json").read_text())["config"]["optim"]
@@ -744,6 +743,27 @@ def test_disk_full_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint
             subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_a_run_directory_names_no_module_of_this_project(reference):
+    """What makes a run directory survive a move of the code (the layout of issue 23, or any later
+    one): its checkpoints pickle classes of torch and the standard library only, and everything else
+    is JSON and YAML of plain values. A name like `vit.engine.checkpoint` in it would break resume."""
+    import pickletools
+
+    from vit.engine.checkpoint import byte_items
+
+    ours = ("vit.", "jobs.", "hydra_plugins.")
+    for checkpoint in sorted((reference / "checkpoints").glob("step-*")):
+        with open(checkpoint / ".metadata", "rb") as f:
+            strings = [arg for op, arg, _ in pickletools.genops(f) if isinstance(arg, str)]
+        globals_ = [s for s in strings if s.startswith(("torch", "builtins", "collections", "vit", "jobs", "hydra"))]
+        assert globals_ and not [s for s in globals_ if s.startswith(ours) or s in ("vit", "jobs")], globals_
+        assert byte_items(checkpoint)  # every byte item loads with weights_only (no class of ours could)
+    texts = [f for f in reference.rglob("*") if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml")]
+    assert len(texts) > 5
+    for f in texts:
+        assert not any(m in f.read_text() for m in ours), f
+
+
 # --- export ------------------------------------------------------------------------------------------
 
 def test_export_loads_into_timm_strictly_with_the_same_outputs(tmp_path, reference):
@@ -751,10 +771,10 @@ def test_export_loads_into_timm_strictly_with_the_same_outputs(tmp_path, referen
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from vit.model import build_model
+    from vit.models.vit import build_model
 
     out = tmp_path / "export" / "model.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "vit.checkpoint", "export", str(reference), str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "jobs/checkpoint.py", "export", str(reference), str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(out)

@@ -7,9 +7,9 @@ import io
 import json
 import math
 import os
-import shutil
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
-
 from datasets import CLASSES, backdate, jpeg_bytes, make_21k_p, make_imagefolder, make_synset_tars, make_timm_wds
 from helpers import run_job
+from PIL import Image
+
 from vit.data import imagefolder, synset_tars, transforms
 from vit.data.imagefolder import ImageFolder
 from vit.data.loader import DataPosition, RankBatches, build_loader, epoch_order, sample_seed
 from vit.data.shards import Shards, convert
 from vit.data.sources import build_source, check_data
-from vit.errors import DataError
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, sample_crop
+from vit.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # output pixels: the tests are about data, not image quality

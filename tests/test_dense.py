@@ -3,10 +3,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit.dense import (DenseViT, RelPosAttention, dense_flops_per_image, layer_decay_scales, pi_resize_patch_kernel,
-                       resample_rel_pos, window_partition, window_unpartition)
-from vit.detection import LayerNorm2d, build_detector, head_flops_per_image, paste_masks
-from vit.model import VARIANTS, Variant, VisionTransformer, build_model, resample_pos_embed, train_flops_per_image
+from vit.models.dense import (
+    DenseViT,
+    RelPosAttention,
+    dense_flops_per_image,
+    layer_decay_scales,
+    pi_resize_patch_kernel,
+    resample_rel_pos,
+    window_partition,
+    window_unpartition,
+)
+from vit.models.detection import LayerNorm2d, build_detector, head_flops_per_image, paste_masks
+from vit.models.vit import VARIANTS, Variant, VisionTransformer, build_model, resample_pos_embed, train_flops_per_image
 
 TINY = Variant(16, 32, 4, 2, 64)
 
@@ -119,7 +127,7 @@ def test_layer_decay_scales():
 def test_dense_flops():
     v = VARIANTS["vit_tiny_patch16"]
     glob = dense_flops_per_image(v, 224, 16, 0, ())
-    # vit.model counts one more token (the class token) and the head, nothing else.
+    # vit.models.vit counts one more token (the class token) and the head, nothing else.
     n, d, m = 196, v.embed_dim, v.mlp_dim
     cls_token = v.depth * (4 * d * d + 2 * d * m + 2 * (2 * n + 1) * d)
     assert train_flops_per_image("vit_tiny_patch16", num_classes=0) - glob == 6 * cls_token

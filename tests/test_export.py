@@ -1,4 +1,4 @@
-"""`python -m vit.checkpoint export RUN OUT_DIR` gives a folder that timm loads with
+"""`python jobs/checkpoint.py export RUN OUT_DIR` gives a folder that timm loads with
 `create_model("local-dir:OUT_DIR", pretrained=True)`: our weights, our synsets, our preprocessing.
 (An OUT ending in .safetensors is the single file, tested in test_checkpoint.py.)"""
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from datasets import CLASSES, make_imagefolder
 from helpers import run_job
-from vit.model import build_model
+
+from vit.models.vit import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_the_exported_folder_loads_in_timm_with_the_trained_preprocessing_and_sy
     from timm.data import resolve_data_config
 
     out = tmp_path / "vit_tiny_in21k"
-    proc = subprocess.run([sys.executable, "-m", "vit.checkpoint", "export", str(trained), str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "jobs/checkpoint.py", "export", str(trained), str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(out) and sorted(p.name for p in out.iterdir()) == ["config.json",

@@ -15,13 +15,14 @@ from datasets import make_ade20k, make_coco
 from helpers import ROOT, losses, run_job
 from omegaconf import OmegaConf
 
-from vit.checkpoint import SafeReader, export_safetensors, load_pretrained
 from vit.config import validate_task
-from vit.errors import ConfigError
-from vit.model import resample_pos_embed
-from vit.optim import learning_rate, param_groups
 from vit.data.coco import segmentation_mask
-from vit.tasks import build_task, coco_ap, mask_rles
+from vit.engine.checkpoint import SafeReader, export_safetensors, load_pretrained
+from vit.engine.optim import learning_rate, param_groups
+from vit.errors import ConfigError
+from vit.models.vit import resample_pos_embed
+from vit.tasks import build_task
+from vit.tasks.coco import coco_ap, mask_rles
 
 # A tiny ViT trunk (vit_tiny_patch16 at 128 px: an 8 x 8 grid, windows of 4) under small heads.
 TINY_COCO = [
@@ -141,9 +142,9 @@ def test_coco_evaluation_skips_an_unreadable_image_once_and_clips_boxes_to_the_i
     """An unreadable val image is left out of the score and counted. Training's replacement (the
     next image) must not be scored a second time, as a duplicate set of detections. Boxes in the
     canvas's padding are clipped to the image."""
-    import vit.tasks
+    import vit.tasks.coco
     from vit.data.coco import CocoDetection as CocoSource
-    from vit.distributed import World
+    from vit.engine.distributed import World
 
     root = make_coco(tmp_path / "coco", n_train=2, n_val=6)
     source = CocoSource(str(root), "val", img_size=128, train=False)
@@ -151,7 +152,7 @@ def test_coco_evaluation_skips_an_unreadable_image_once_and_clips_boxes_to_the_i
     broken = root / "val2017" / source.files[source.image_ids[2]]
     broken.write_bytes(broken.read_bytes()[:200])
     scored = []
-    monkeypatch.setattr(vit.tasks, "coco_ap", lambda *a: scored.append(a) or coco_ap(*a))
+    monkeypatch.setattr(vit.tasks.coco, "coco_ap", lambda *a: scored.append(a) or coco_ap(*a))
     task = build_task(OmegaConf.create({"task": {"name": "coco"}, "train": {"micro_batch": 4},
                                         "data": {"num_workers": 0}}))
     metrics = task.evaluate(model, source, World(0, 1, 0, torch.device("cpu"), None))

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datasets import COCO_CATEGORIES, COCO_CROWD_IMAGE_ID, make_ade20k, make_coco
 from PIL import Image
 
-from datasets import COCO_CATEGORIES, COCO_CROWD_IMAGE_ID, make_ade20k, make_coco
 from vit.data.ade20k import ADE20K, check_ade20k, keep_ratio_size, reduce_zero_label
 from vit.data.coco import CocoDetection, check_coco, segmentation_mask
 from vit.data.loader import DataPosition, SeededSamples, build_loader, collate_samples
 from vit.data.sources import build_source, check_data
-from vit.errors import DataError
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vit.errors import DataError
 
 S = 64
 N_TRAIN, N_VAL = 12, 4

@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from vit.model import IN21K_CLASSES, VARIANTS, build_model, resample_pos_embed, train_flops_per_image
+from vit.models.vit import IN21K_CLASSES, VARIANTS, build_model, resample_pos_embed, train_flops_per_image
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

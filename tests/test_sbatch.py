@@ -15,16 +15,16 @@ from helpers import ROOT, run_job
 from slurm_cluster import dump_logs, requeue_causes, sbatch, wait_for_step, wait_job
 from test_finetune import TINY_ADE, TINY_COCO
 
-from vit.checkpoint import export_safetensors
+from vit.engine.checkpoint import export_safetensors
 
 # What a user of the minicluster changes: 2 CPU-only nodes of 2 cores, a short time limit.
 MINICLUSTER = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G", "--time=15", "--partition=debug"]
 
 
 def test_node_agent_starts_without_importing_torch():
-    """Until the node agent's handler is installed, a USR2 kills it: `python -m vit.slurm` must start
+    """Until the node agent's handler is installed, a USR2 kills it: `python -m vit.cluster.agent` must start
     in milliseconds, which rules out importing torch (a second or more)."""
-    probe = "import sys, vit.slurm; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    probe = "import sys, vit.cluster.agent; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -48,7 +48,7 @@ def test_sbatch_script_allocates_what_the_cluster_config_says(task):
             "signal_lead_s": int(options["signal"].split("@")[1])} == {
         "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "cpus_per_task": cluster.cpus_per_task,
         "time_min": cluster.time_min, "signal_lead_s": cluster.signal_lead_s}
-    from vit.slurm import SIGNAL_LEAD_S  # the node agent's default, which the scripts leave to it
+    from vit.cluster.agent import SIGNAL_LEAD_S  # the node agent's default, which the scripts leave to it
     assert SIGNAL_LEAD_S == cluster.signal_lead_s
 
 
@@ -59,7 +59,7 @@ def job_logs(run_dir):
 def test_a_crash_loop_is_failures_without_a_new_checkpoint():
     """The requeue policy alone. Equal failures often differ in their text (a peer's port) or have
     none (rank 0 killed): what counts is whether a checkpoint was made in between."""
-    from vit.slurm import requeue_decision
+    from vit.cluster.agent import requeue_decision
 
     failed = {"state": "failed", "step": 13, "error": "Connection closed by peer [127.0.0.1]:31458"}
     earlier = [{"cause": "failure", "step": 13, "checkpoint": 10, "error": f"Connection closed by peer [...]:{p}"}
@@ -76,8 +76,8 @@ def test_a_crash_loop_is_failures_without_a_new_checkpoint():
 
 
 def test_a_torn_requeue_log_line_is_left_out(tmp_path):
+    from vit.cluster.agent import read_log
     from vit.run_dir import REQUEUE_LOG
-    from vit.slurm import read_log
 
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / REQUEUE_LOG).write_text('{"cause": "time_limit", "step": 5}\n\n{"cause": "fail')
@@ -88,8 +88,9 @@ def test_the_agent_outlives_failing_slurm_commands(slurm_env, tmp_path, monkeypa
     """The real squeue and scontrol, asked about a job the controller does not know. The time left
     falls back to the end time Slurm puts in the job's environment; a failed requeue is retried, then
     reported in one line and taken back out of the requeue log (the requeue limits count that log)."""
+    from vit.cluster.agent import NodeAgent
+    from vit.cluster.slurm import time_left_s
     from vit.run_dir import REQUEUE_LOG
-    from vit.slurm import NodeAgent, time_left_s
 
     unknown = "987654321"
     monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])

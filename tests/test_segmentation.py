@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit.dense import DenseViT
-from vit.model import Variant
-from vit.segmentation import Segmenter, count_windows, intersect_and_union, slide_inference, summarize
+from vit.models.dense import DenseViT
+from vit.models.segmentation import Segmenter, count_windows, slide_inference
+from vit.models.vit import Variant
+from vit.tasks.ade20k import intersect_and_union, summarize
 
 K = 5
 

@@ -16,8 +16,8 @@ import yaml
 from helpers import ROOT, losses, plant_refused_class
 from slurm_cluster import dump_logs, job_state, requeue_causes, sbatch, wait_for_step, wait_job
 
+from vit.cluster.status import summarize
 from vit.journal import read_journal
-from vit.status import summarize
 
 TINY_SLURM = ["cluster=minicluster", "experiment=smoke", "data.img_size=32", "data.num_samples=512",
               "train.log_every=1", "train.progress=false", "checkpoint.every_steps=10"]
@@ -243,7 +243,7 @@ def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, 
     job = submit(slurm_env, run_dir, "train.steps=60")
     wait_for_step(run_dir, 25, slurm_env, job, log_files=logs(run_dir))
     # SIGKILL the worker on the second node: no handler runs, no checkpoint is written.
-    pids = subprocess.run(["pgrep", "-f", f"vit.launch {run_dir}/slurm/config-{job}.yaml"], capture_output=True,
+    pids = subprocess.run(["pgrep", "-f", f"vit.cluster.worker {run_dir}/slurm/config-{job}.yaml"], capture_output=True,
                           text=True).stdout.split()
     workers = [int(p) for p in pids if _node_of(int(p)) == "1" and _is_worker(int(p))]
     assert workers, f"no worker found among {pids}"
@@ -259,7 +259,7 @@ def test_hard_kill_resumes_from_the_last_valid_checkpoint(slurm_env, reference, 
     text = log_text(run_dir)
     resumed = re.findall(rf"resumed from {run_dir}/checkpoints/step-(\d+)", text)
     assert len(resumed) == 1 and int(resumed[0]) % 10 == 0 and 20 <= int(resumed[0]) < 60, text[-3000:]
-    assert re.search(rf"torchrun: vit.launch failed on \S+: rank \d \(local rank 0, pid {pid}\), killed by SIGKILL", text), text[-3000:]
+    assert re.search(rf"torchrun: vit.cluster.worker failed on \S+: rank \d \(local rank 0, pid {pid}\), killed by SIGKILL", text), text[-3000:]
     assert losses(run_dir) == losses(reference[0])
 
 
@@ -275,12 +275,12 @@ def _node_of(pid: int) -> str | None:
 
 
 def _is_worker(pid: int) -> bool:
-    """`python -u -m vit.launch CONFIG`; not torchrun (`-m vit.torchrun ... -m vit.launch CONFIG`)."""
+    """`python -u -m vit.cluster.worker CONFIG`; not torchrun (`-m vit.cluster.torchrun ... -m vit.cluster.worker CONFIG`)."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"-m" in args and args[args.index(b"-m") + 1:][:1] == [b"vit.launch"]
+    return b"-m" in args and args[args.index(b"-m") + 1:][:1] == [b"vit.cluster.worker"]
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -354,7 +354,7 @@ def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path, usr2_first, limi
         # A plain batch job's agent on the same run directory (a second `sbatch` of a script) ends at start.
         second_log = tmp_path / "second.out"
         second = sbatch(["-N1", "-c1", "--mem=500M", "-o", str(second_log), "--wrap",
-                         f"{sys.executable} -m vit.slurm --run-dir {run_dir} -- jobs/pretrain.py"], slurm_env, cwd=ROOT)
+                         f"{sys.executable} -m vit.cluster.agent --run-dir {run_dir} -- jobs/pretrain.py"], slurm_env, cwd=ROOT)
         state = wait_job(second, slurm_env, states={"FAILED", "COMPLETED", "CANCELLED"}, timeout=180,
                          release_held=False)
         text = second_log.read_text()
@@ -363,7 +363,7 @@ def test_scancel_saves_and_is_not_requeued(slurm_env, tmp_path, usr2_first, limi
     if usr2_first:
         subprocess.run(["scancel", "--signal=USR2", str(job)], env=slurm_env, check=True, timeout=60)
         deadline = time.monotonic() + 60  # the TERM must come second, while the stop is under way
-        while f"[vit.slurm job {job} node 0] received SIGUSR2" not in log_text(run_dir):
+        while f"[vit.cluster.agent job {job} node 0] received SIGUSR2" not in log_text(run_dir):
             assert time.monotonic() < deadline, dump_logs(slurm_env, logs(run_dir))
             time.sleep(0.02)
     subprocess.run(["scancel", str(job)], env=slurm_env, check=True, timeout=60)

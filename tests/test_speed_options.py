@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from vit.config import validate_speed_options
 from vit.errors import ConfigError
-from vit.model import Variant, VisionTransformer
+from vit.models.vit import Variant, VisionTransformer
 
 ROOT_CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # Narrow and shallow: compile time on CPU grows with the graph, not the batch.
@@ -37,9 +37,9 @@ def batches(n=3):
 
 
 def train_losses(model, world, data, precompute_scales=False, **shard_options):
-    from vit.optim import build_optimizer
-    from vit.parallel import precompute_float8_scales_after_each_step, shard_model
-    from vit.train import train_step
+    from vit.engine.optim import build_optimizer
+    from vit.engine.parallel import precompute_float8_scales_after_each_step, shard_model
+    from vit.engine.train import train_step
 
     shard_model(model, world, **shard_options)
     optimizer = build_optimizer(model, 1e-3, 0.05)
@@ -59,11 +59,10 @@ def _compiled_matches_eager_without_recompiling(rank, out_dir):
     bf16 compute, fp32 gradient reduction."""
     from torch._dynamo.utils import counters
 
-    from vit.distributed import close, init_distributed
-
-    from vit.optim import build_optimizer
-    from vit.parallel import shard_model
-    from vit.train import train_step
+    from vit.engine.distributed import close, init_distributed
+    from vit.engine.optim import build_optimizer
+    from vit.engine.parallel import shard_model
+    from vit.engine.train import train_step
 
     world = init_distributed("cpu")
     data = batches(1) * 3  # one batch again: the loss must fall
@@ -97,11 +96,10 @@ def _deep_model_compiles_every_block_once(rank, out_dir):
     (inductor's CPU codegen would cost a minute here; the test above runs it)."""
     from torch._dynamo.utils import counters
 
-    from vit.distributed import close, init_distributed
-
-    from vit.optim import build_optimizer
-    from vit.parallel import shard_model
-    from vit.train import train_step
+    from vit.engine.distributed import close, init_distributed
+    from vit.engine.optim import build_optimizer
+    from vit.engine.parallel import shard_model
+    from vit.engine.train import train_step
 
     world = init_distributed("cpu")
     depth = torch._dynamo.config.recompile_limit + 2
@@ -156,7 +154,7 @@ def test_activation_checkpointing_recomputes_exactly_the_intended_blocks_with_th
 def _float8_covers_the_projections_only(rank, out_dir):
     from torchao.float8.float8_linear import Float8Linear
 
-    from vit.distributed import close, init_distributed
+    from vit.engine.distributed import close, init_distributed
 
     world = init_distributed("cpu")
     data = batches(1) * 3  # one batch again: the loss must fall
@@ -184,9 +182,9 @@ def test_float8_converts_the_attention_and_mlp_projections_and_nothing_else(tmp_
 
 
 def _trained(world, float8, seed, data):
-    from vit.optim import build_optimizer
-    from vit.parallel import shard_model
-    from vit.train import train_step
+    from vit.engine.optim import build_optimizer
+    from vit.engine.parallel import shard_model
+    from vit.engine.train import train_step
 
     model = tiny_model(seed=seed)
     shard_model(model, world, "fp32", float8=float8)
@@ -196,8 +194,8 @@ def _trained(world, float8, seed, data):
 
 
 def _save(rank, root, float8):
-    from vit.checkpoint import Checkpointer
-    from vit.distributed import close, init_distributed
+    from vit.engine.checkpoint import Checkpointer
+    from vit.engine.distributed import close, init_distributed
 
     world = init_distributed("cpu")
     model, optimizer = _trained(world, float8, 0, batches(2))
@@ -207,9 +205,9 @@ def _save(rank, root, float8):
 
 
 def _load(rank, root, float8):
-    from vit.checkpoint import Checkpointer
-    from vit.distributed import close, init_distributed
-    from vit.train import train_step
+    from vit.engine.checkpoint import Checkpointer
+    from vit.engine.distributed import close, init_distributed
+    from vit.engine.train import train_step
 
     world = init_distributed("cpu")
     data = batches(2)

@@ -1,4 +1,4 @@
-"""Run status and goodput from the journal (vit.status, jobs/status.py) and the planner (vit.plan, jobs/plan.py).
+"""Run status and goodput from the journal (vit.cluster.status, jobs/status.py) and the planner (vit.cluster.plan, jobs/plan.py).
 
 The synthetic journals are written through vit.journal.Journal with a fake clock and Slurm's
 environment, and every expected number below is worked out by hand from the event times.
@@ -15,8 +15,8 @@ import pytest
 from helpers import ROOT, run_job
 
 import vit.journal
+from vit.cluster.status import CATEGORIES, RESTART_STYLES, plot, summarize
 from vit.journal import Journal, read_journal
-from vit.status import CATEGORIES, RESTART_STYLES, plot, summarize
 
 T0 = 1_700_000_000.0
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -308,7 +308,8 @@ def test_status_cli_json_plot_and_tensorboard(real_run, tmp_path):
 # --- the planner -------------------------------------------------------------------------------------
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     import hydra_plugins.vit_slurm_launcher.vit_slurm_launcher  # noqa: F401  the Slurm launcher's config
     import vit.config  # noqa: F401  the resolvers
@@ -329,7 +330,7 @@ def vit_h14_by_hand():
 
 
 def test_plan_of_the_seed_recipe_on_sg_h100():
-    from vit.plan import plan
+    from vit.cluster.plan import plan
 
     p = plan(compose("cluster=sg_h100", "planner.mfu=0.5", "planner.peak_tflops=1000", "planner.fs_gbps=1",
                      "planner.mtbi_hours=1"))
@@ -352,7 +353,7 @@ def test_plan_of_the_seed_recipe_on_sg_h100():
 
 
 def test_plan_defaults_time_limits_and_local():
-    from vit.plan import DEFAULTS, plan, settings
+    from vit.cluster.plan import DEFAULTS, plan, settings
 
     assert DEFAULTS == {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
     assert settings(compose("plan=true")) == DEFAULTS  # the flag leaves the planner defaults alone

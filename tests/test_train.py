@@ -10,10 +10,10 @@ from datasets import CLASSES, make_imagefolder
 from helpers import ROOT, losses, run_job
 
 from vit.config import accumulation_steps
+from vit.engine.optim import param_groups, warmup_cosine
 from vit.errors import ConfigError
 from vit.journal import read_journal
-from vit.model import build_model
-from vit.optim import param_groups, warmup_cosine
+from vit.models.vit import build_model
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
@@ -45,7 +45,7 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
 
 @pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
 def test_mixup_and_cutmix_mix_images_and_labels_alike(mixup, cutmix):
-    from vit.tasks import classification_loss, mix_batch
+    from vit.tasks.classification import classification_loss, mix_batch
 
     torch.manual_seed(0)
     images, labels = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
@@ -99,7 +99,7 @@ def test_a_diverged_run_skips_its_updates_and_stops_after_ten_in_a_row(tmp_path)
     """lr 1e30: the first update makes every later loss and gradient non-finite. Those updates are
     skipped (the checkpoints in between keep finite weights), and the run ends at the tenth. Every
     rank ends at that step, so the async save of step 10, still in flight, is committed first."""
-    from vit.checkpoint import consolidated_model
+    from vit.engine.checkpoint import consolidated_model
     diverging = ["train.steps=40", "optim.lr=1e30", "checkpoint.every_steps=5", "checkpoint.async_save=true"]
     proc = run_job(tmp_path, *diverging, check=False)
     assert proc.returncode != 0
@@ -219,7 +219,7 @@ def test_a_user_error_on_one_rank_only_is_the_runs_status(tmp_path):
 
 HOST_MEMORY_PROBE = """
 import resource, torch
-from vit.distributed import init_distributed
+from vit.engine.distributed import init_distributed
 init_distributed("cpu")
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 rss_mb = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -299,10 +299,10 @@ def test_smoke_command_runs_end_to_end(tmp_path):
 def test_throughput_leaves_out_evaluations_and_saves(tmp_path, monkeypatch):
     import torch
 
-    import vit.metrics
+    import vit.engine.metrics
     clock = [100.0]
-    monkeypatch.setattr(vit.metrics.time, "perf_counter", lambda: clock[0])
-    logger = vit.metrics.MetricsLogger(str(tmp_path), True, 10, 0, 1e9, 1, torch.device("cpu"), progress=False)
+    monkeypatch.setattr(vit.engine.metrics.time, "perf_counter", lambda: clock[0])
+    logger = vit.engine.metrics.MetricsLogger(str(tmp_path), True, 10, 0, 1e9, 1, torch.device("cpu"), progress=False)
     logger.step(64)
     clock[0] += 2.0  # training
     with logger.paused():
@@ -326,7 +326,7 @@ def test_a_plain_run_ignores_a_rendezvous_address_left_in_the_shell(tmp_path):
                                         ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla V100-SXM2-32GB", None)])
 def test_mfu_peak_is_the_parts_own(name, peak):
     """The PCIe and NVL H100s are slower than the SXM part: their MFU against 989 TFLOP/s read low."""
-    from vit.metrics import peak_flops_of
+    from vit.engine.metrics import peak_flops_of
     assert peak_flops_of(name) == peak
 
 

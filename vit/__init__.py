@@ -5,9 +5,9 @@ __all__ = ["VARIANTS", "build_model", "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy: the Slurm node agent (`python -m vit.slurm`) must not import torch. Until its handler is
-    # installed, a USR2 kills it, and importing torch first made that window a second long.
+    # Lazy: the Slurm node agent (`python -m vit.cluster.agent`) must not import torch. Until its
+    # handler is installed, a USR2 kills it, and importing torch first made that window a second long.
     if name in ("VARIANTS", "build_model"):
-        from vit import model
-        return getattr(model, name)
+        from vit.models import vit
+        return getattr(vit, name)
     raise AttributeError(f"module 'vit' has no attribute {name!r}")

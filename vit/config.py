@@ -9,10 +9,11 @@ import importlib.util
 import math
 import os
 import re
+
 from omegaconf import DictConfig, OmegaConf
 
 from vit.errors import ConfigError
-from vit.model import VARIANTS
+from vit.models.vit import VARIANTS
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -194,7 +195,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
 
 def validate_speed_options(cfg: DictConfig) -> None:
     """Compilation, activation checkpointing and float8 (whether the hardware has float8 is checked
-    where the model is built: vit.parallel.convert_to_float8)."""
+    where the model is built: vit.engine.parallel.convert_to_float8)."""
     checkpointing, depth = cfg.model.grad_checkpointing, VARIANTS[cfg.model.name].depth
     if not (isinstance(checkpointing, bool) or checkpointing == "selective"
             or (type(checkpointing) is int and 0 <= checkpointing <= depth)):

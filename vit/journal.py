@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vit.run_dir import JOURNAL, read_jsonl
 
+
 class Journal:
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
         self.path = Path(run_dir) / JOURNAL

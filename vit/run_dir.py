@@ -3,8 +3,8 @@
     <run_dir>/
       status.json            how the last training process ended (rank 0; any rank for a user error)
       journal.jsonl          append-only record of what happened to the run (vit/journal.py)
-      metrics.jsonl          one line per logged step (vit/metrics.py)
-      checkpoints/step-N/    sharded checkpoints (vit/checkpoint.py); checkpoints/latest names the newest
+      metrics.jsonl          one line per logged step (vit/engine/metrics.py)
+      checkpoints/step-N/    sharded checkpoints (vit/engine/checkpoint.py); checkpoints/latest names the newest
       eval/step-N.json       evaluations; eval/latest.json is the newest
       slurm/                 job logs, the composed config of each job, requeues.jsonl (the agent's decisions)
 
@@ -84,3 +84,14 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def write_evaluation(run_dir: str | os.PathLike, step: int, metrics: dict) -> Path:
+    """`<run_dir>/eval/step-N.json` and `eval/latest.json`: the full result, per-class values included."""
+    out = eval_dir(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"step": step, **metrics}, indent=1)
+    (out / f"step-{step}.json").write_text(text)
+    (out / "latest.json.tmp").write_text(text)
+    (out / "latest.json.tmp").replace(out / "latest.json")
+    return out / f"step-{step}.json"

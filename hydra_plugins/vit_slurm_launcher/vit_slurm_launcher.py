@@ -6,7 +6,7 @@
   impossible batch split or allocation, a missing dataset, an unsafe job name, a control character
   bound for the sbatch script, two points sharing a run directory, a run directory that a job still
   in the queue trains in, or one whose checkpoints would not resume with the installed versions and
-  this config (`vit.checkpoint.check_resumable`) stops the whole submission.
+  this config (`vit.engine.train.check_resumable`) stops the whole submission.
 * Each point gets a run directory fixed at submission time, so every requeue finds it again.
 * Each point's config is composed once, at submission: every start and requeue of its job runs that
   config (the stock one composes it again from conf/ at each start).
@@ -76,12 +76,13 @@ class VitSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from vit.checkpoint import allow_classes, check_resumable
+        from vit.cluster.slurm import jobs_of_run, submitit_python
         from vit.config import validate, validate_submission
+        from vit.engine.checkpoint import allow_classes
+        from vit.engine.train import check_resumable
         from vit.errors import USER_ERRORS, ConfigError, fail
         from vit.journal import Journal
         from vit.run_dir import slurm_dir
-        from vit.slurm import jobs_of_run, submitit_python
 
         values: dict[str, set[str]] = {}
         for overrides in job_overrides:
@@ -91,7 +92,7 @@ class VitSlurmLauncher(SlurmLauncher):
         swept = {k for k, v in values.items() if len(v) > 1}
         points = [self._sweep_point(list(o), swept) for o in job_overrides]
         if any(cfg.get("plan") for _, cfg in points):  # plan=true: print what it would cost, submit nothing
-            from vit.plan import format_plan, plan
+            from vit.cluster.plan import format_plan, plan
             for overrides, cfg in points:
                 print(f"# {' '.join(filter_overrides(overrides)) or cfg.name}\n{format_plan(plan(cfg))}")
             return [JobReturn(overrides=o, cfg=c, status=JobStatus.COMPLETED, _return_value=None) for o, c in points]
@@ -173,7 +174,7 @@ def _print_submission(job, cfg, folder: Path) -> None:
           f"  run dir : {run_dir}\n"
           f"  logs    : {folder.resolve()}/{job.job_id}_<node>_log.out (and .err)\n"
           f"  follow  : squeue -j {job.job_id}; tail -f {folder.resolve()}/{job.job_id}_0_log.out\n"
-          f"  metrics : {run_dir}/metrics.jsonl; python -m vit.checkpoint ls {run_dir}", flush=True)
+          f"  metrics : {run_dir}/metrics.jsonl; python jobs/checkpoint.py ls {run_dir}", flush=True)
 
 
 def register() -> None:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit.errors import DataError
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _Normalize, decode, open_image
+from vit.errors import DataError
 
 SPLITS = {"train": "training", "val": "validation"}
 CLASSES = (

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit.errors import DataError
 from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _Normalize, decode, open_image
+from vit.errors import DataError
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 _JSON_KEYS = ("images", "annotations", "categories")

@@ -8,9 +8,9 @@ import os
 import re
 
 from vit.data.imagefolder import is_image
-from vit.errors import DataError
 from vit.data.shards import list_shards, shard_splits
 from vit.data.synset_tars import gzip_error, is_gzipped
+from vit.errors import DataError
 
 WNID_TAR = re.compile(r"^n\d{8}\.tar$")
 GZIPPED = (".tar.gz", ".tgz")

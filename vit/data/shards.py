@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from vit.data.imagefolder import ImageFolder, cached_index, map_classes
-from vit.errors import DataError
 from vit.data.transforms import open_image
+from vit.errors import DataError
 
 CLASSES_FILE = "classes.json"
 INFO_FILES = ("_info.json", "info.json")  # timm's reader_wds looks for them in this order

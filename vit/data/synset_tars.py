@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from vit.data.imagefolder import cached_index, is_image
-from vit.errors import DataError
 from vit.data.shards import TarSamples, fingerprint, index_in_parallel, samples_index
+from vit.errors import DataError
 
 
 def gzip_error(path: str) -> DataError:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from vit.distributed import all_reduce_sum
+from vit.engine.distributed import all_reduce_sum
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
 

@@ -22,7 +22,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from vit.dense import DenseViT
+from vit.models.dense import DenseViT
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 

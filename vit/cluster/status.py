@@ -50,9 +50,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from vit.cluster.slurm import job_state
 from vit.journal import read_journal
 from vit.run_dir import JOURNAL
-from vit.slurm import job_state
 
 TERMINAL = ("exit", "crash", "requeue", "agent_exit")
 CATEGORIES = ("training", "startup", "checkpoint", "lost", "evaluation", "other")

@@ -1,12 +1,13 @@
 """The training loop, top to bottom: data, model, optimizer, resume, step, log, checkpoint, stop.
 
 Runs the same way as one process, under torchrun on one node, or on many Slurm nodes; what differs
-between pretraining and fine-tuning (model, loss, evaluation) comes from the task (vit/tasks.py).
+between pretraining and fine-tuning (model, loss, evaluation) comes from the task (vit/tasks/).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,18 +18,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp import FSDPModule
 
-from vit.checkpoint import Checkpointer, allow_classes, versions
 from vit.config import accumulation_steps, config_changes, resume_conflict, total_steps
 from vit.data.loader import DataPosition, build_loader
-from vit.distributed import all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed
-from vit.errors import DataError
+from vit.engine.checkpoint import (
+    Checkpointer,
+    allow_classes,
+    another_setup,
+    newest_loadable,
+    read_train_state,
+    saved_model_shapes,
+    versions,
+    versions_text,
+)
+from vit.engine.distributed import all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed
+from vit.engine.metrics import MetricsLogger
+from vit.engine.optim import build_optimizer, clip_grad_norm_, learning_rate, set_lr
+from vit.engine.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model
+from vit.errors import CheckpointError, DataError
 from vit.journal import Journal
-from vit.metrics import MetricsLogger
-from vit.optim import build_optimizer, clip_grad_norm_, learning_rate, set_lr
-from vit.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model
-from vit.run_dir import checkpoints_dir, eval_dir
+from vit.run_dir import checkpoints_dir, eval_dir, write_evaluation
 from vit.stop import StopRequest
-from vit.tasks import build_task, classification_loss, write_evaluation
+from vit.tasks import build_task
+from vit.tasks.classification import classification_loss
 
 # A step with a non-finite loss or gradient norm is skipped; this many in a row (as seen at a log or
 # save step) end the run.
@@ -184,6 +195,30 @@ def resume(cfg: DictConfig, ckpt: Checkpointer, model, optimizer, task, source, 
         say(f"warning: data.root holds {len(source)} training samples, {saved_samples} when step {state.step} "
             f"was saved: the rest of epoch {state.position.epoch} follows the new order (some samples of it "
             f"repeat, some are skipped), and the run now has {total} steps (was {saved['total_steps']})", flush=True)
+
+
+def check_resumable(run_dir: str | os.PathLike, cfg: DictConfig | None = None) -> str:
+    """What a start of this run would resume from, checked on a login node before anything is queued:
+    the newest loadable checkpoint (`newest_loadable`), the config's conflicts with it (`cfg`, else its
+    own), and its model shapes against the model built now. Raises CheckpointError or ConfigError;
+    nothing is changed on disk."""
+    path = newest_loadable(run_dir)
+    if path is None:
+        return f"{run_dir} has no checkpoint: the run starts from step 0"
+    saved = read_train_state(path)
+    cfg = cfg if cfg is not None else OmegaConf.create(saved["config"])
+    if why := resume_conflict(saved["config"], cfg):
+        raise another_setup(run_dir, why)
+    with torch.device("meta"):
+        model = build_task(cfg).build_model(len(saved["classes"]))
+    then, now = saved_model_shapes(path), {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    misfit = sorted(set(then) ^ set(now)) or [k for k in then if then[k] != now[k]]
+    if misfit:
+        raise CheckpointError(f"checkpoint {path} does not fit the model built now ({len(misfit)} tensors differ, "
+                              f"e.g. {misfit[0]}: {then.get(misfit[0], ())} saved, {now.get(misfit[0], ())} now); "
+                              "resume with the code and settings that wrote it, or give this run a new run_dir")
+    written = saved.get("versions") or {"vit": saved.get("version", "?")}
+    return f"{path} resumes (step {saved['step']}, written with {versions_text(written)})"
 
 
 class LogWindow:

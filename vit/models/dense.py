@@ -21,8 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit.model import (Attention, Block, PatchEmbed, Variant, VisionTransformer, drop_path, init_trunk,
-                       resample_pos_embed)
+from vit.models.vit import (
+    Attention,
+    Block,
+    PatchEmbed,
+    Variant,
+    VisionTransformer,
+    drop_path,
+    init_trunk,
+    resample_pos_embed,
+)
 
 
 def pi_resize_patch_kernel(weight: torch.Tensor, new_size: int) -> torch.Tensor:
@@ -152,7 +160,7 @@ class DenseViT(nn.Module):
                        0 if i in self.global_blocks else window_size, use_rel_pos)
             for i, rate in enumerate(rates))
         if not self.pos_embed.is_meta:
-            init_trunk(self)  # vit.model's scheme: training from scratch behaves like the classifier
+            init_trunk(self)  # vit.models.vit's scheme: training from scratch behaves like the classifier
 
     set_grad_checkpointing = VisionTransformer.set_grad_checkpointing
 
@@ -221,7 +229,7 @@ def layer_decay_scales(model: nn.Module, prefix: str, depth: int, decay: float) 
 
 def dense_flops_per_image(variant: Variant, img_size: int, patch_size: int, window_size: int,
                           global_blocks: Sequence[int], use_rel_pos: bool = False) -> float:
-    """Analytic training FLOPs of the trunk (3x forward, 2 FLOPs/MAC, as vit.model.train_flops_per_image).
+    """Analytic training FLOPs of the trunk (3x forward, 2 FLOPs/MAC, as vit.models.vit.train_flops_per_image).
 
     Window blocks run qkv, proj and attention on the padded windows, the MLP on the real tokens. A
     relative-position bias adds two query-table products per token (size D x side, side being the

@@ -1,6 +1,6 @@
-"""What an entry point does with a composed config: check it, then train here or hand over to Slurm.
-
-User errors (config, data, checkpoint) end in one line on stderr and exit status 2, no traceback.
+"""A training process: a rank under torchrun (`python -m vit.cluster.worker CONFIG`, started by the node
+agent), or the single process of a local run. It records how it ended in status.json for the agent's
+requeue decision. A user error (config, data, checkpoint) ends it in one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import sys
 import time
 import traceback
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vit.config import validate
-from vit.distributed import close
-from vit.errors import USER_ERRORS, ConfigError, fail
+from vit.engine.distributed import close
+from vit.errors import USER_ERRORS, fail
 from vit.journal import Journal
-from vit.run_dir import read_status, slurm_dir, write_status
+from vit.run_dir import read_status, write_status
 
 STARTED = time.time()
 
@@ -31,7 +31,7 @@ def user_error_reported(run_dir: str | os.PathLike) -> bool:
 
 def run_training(cfg: DictConfig) -> dict:
     """Train in this process (a rank of torchrun, or a single process) and record how it ended."""
-    from vit.train import TrainState, train
+    from vit.engine.train import TrainState, train
 
     rank = int(os.environ.get("RANK", 0))
     state = TrainState()
@@ -68,42 +68,7 @@ def run_training(cfg: DictConfig) -> dict:
     return summary
 
 
-def run_slurm_node(cfg: DictConfig) -> None:
-    """A submitit task (one per node): write the resolved config, run torchrun, decide on requeue."""
-    from omegaconf import OmegaConf
-
-    from vit.slurm import NodeAgent
-
-    config = slurm_dir(cfg.run_dir) / f"config-{os.environ['SLURM_JOB_ID']}.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    tmp = config.with_name(f"{config.name}.{os.environ.get('SLURM_NODEID', '0')}.tmp")
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, config)  # every node writes the same bytes; the rename keeps readers safe
-    cluster = cfg.cluster
-    code = NodeAgent(["-m", "vit.launch", str(config)], cfg.run_dir, cluster.procs_per_node,
-                     cluster.max_requeues, cluster.crash_loop_limit, cluster.signal_lead_s).run()
-    if code:
-        raise RuntimeError(f"training on node {os.environ.get('SLURM_NODEID')} ended with status {code}; "
-                           f"see {cfg.run_dir}/status.json and the logs in {cfg.run_dir}/slurm")
-
-
-def main(cfg: DictConfig) -> dict | None:
-    """The Hydra task function of `jobs/*.py`: the plan, a Slurm node agent, or the training itself."""
-    if cfg.get("plan"):
-        from vit.plan import format_plan, plan
-        print(format_plan(plan(cfg)))
-        return None
-    if cfg.cluster.launcher == "slurm" and "RANK" not in os.environ:
-        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # a task of our own submission; not any salloc shell
-            return run_slurm_node(cfg)
-        fail(ConfigError("cluster", f"{cfg.cluster.nodes}-node Slurm cluster config without -m would train here, "
-                         "on this machine", "submit it with -m (python jobs/<script>.py -m cluster=...)"))
-    return run_training(cfg)
-
-
-if __name__ == "__main__":  # a torchrun worker started by the node agent: `python -m vit.launch CONFIG`
-    from omegaconf import OmegaConf
-
+if __name__ == "__main__":  # a torchrun worker started by the node agent: `python -m vit.cluster.worker CONFIG`
     run_training(OmegaConf.load(sys.argv[1]))
     # Everything is saved and the group is closed: skip interpreter teardown, where native threads of
     # the distributed stack have been seen to abort a finished worker.

@@ -5,7 +5,7 @@ import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from vit.distributed import World
+from vit.engine.distributed import World
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

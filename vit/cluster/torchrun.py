@@ -4,7 +4,7 @@ The workers print why they failed themselves: a user error's one line, a crash's
 then raised ChildFailedError, whose traceback and framed report (about 30 lines per node) only
 repeat the exit codes, and buried that one line in every node's log.
 
-    python -m vit.torchrun [torchrun options] SCRIPT [ARGS...]
+    python -m vit.cluster.torchrun [torchrun options] SCRIPT [ARGS...]
 """
 from __future__ import annotations
 

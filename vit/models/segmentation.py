@@ -1,4 +1,4 @@
-"""Semantic segmentation on a dense ViT trunk: BEiT/MAE-style UperNet, sliding-window inference, mIoU.
+"""Semantic segmentation on a dense ViT trunk: BEiT/MAE-style UperNet and sliding-window inference.
 
 The trunk (a `DenseViT`) yields four [B, D, g, g] maps from evenly spaced blocks; `MultiLevelNeck`
 turns them into a x4, x2, x1, x0.5 pyramid, `UperNetHead` decodes it to logits at 4x the patch grid
@@ -8,8 +8,7 @@ Normalisation in the neck and heads is GroupNorm, not (Sync)BatchNorm: with FSDP
 ~2 images per GPU, batch statistics are noise unless synchronised across ranks every layer, and
 GroupNorm needs neither running statistics nor cross-rank communication, so train and eval agree.
 
-Metrics follow mmseg: per-class intersection/union areas are summed over the whole dataset (all
-images, all ranks) before dividing, and mIoU averages only classes that occur (union > 0).
+Its metric, mIoU, is computed beside the task (vit/tasks/ade20k.py).
 """
 from __future__ import annotations
 
@@ -191,37 +190,3 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
     for _ in range(needed, calls or 0):
         model(image.new_zeros((1, 3, crop, crop)))
     return logits / count
-
-
-# --- metrics --------------------------------------------------------------------------------------
-
-def intersect_and_union(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
-                        ignore_index: int = 255) -> torch.Tensor:
-    """[4, K] float64: area_intersect, area_union, area_pred, area_label over the labelled pixels.
-
-    Sum these over the dataset (and all-reduce SUM across ranks) before `summarize`.
-    """
-    valid = label != ignore_index
-    pred, label = pred[valid].long(), label[valid].long()
-    if label.numel() and (int(label.max()) >= num_classes or int(pred.max()) >= num_classes):
-        raise ValueError(f"class index beyond num_classes={num_classes} (labels must be remapped first)")
-    intersect = torch.bincount(label[pred == label], minlength=num_classes)
-    area_pred = torch.bincount(pred, minlength=num_classes)
-    area_label = torch.bincount(label, minlength=num_classes)
-    return torch.stack([intersect, area_pred + area_label - intersect, area_pred, area_label]).double()
-
-
-def summarize(totals: torch.Tensor) -> dict:
-    """mIoU, aAcc, mAcc (fractions) and per-class IoU (None for classes absent from labels and preds).
-
-    Like mmseg's nanmean, mIoU skips classes with union 0 and mAcc classes with no labelled pixel.
-    """
-    intersect, union, _, area_label = totals.double().cpu()
-    present, labelled = union > 0, area_label > 0
-    iou = intersect / union
-    return {
-        "mIoU": iou[present].mean().item(),
-        "aAcc": (intersect.sum() / area_label.sum()).item(),
-        "mAcc": (intersect[labelled] / area_label[labelled]).mean().item(),
-        "per_class_iou": [v.item() if p else None for v, p in zip(iou, present)],
-    }

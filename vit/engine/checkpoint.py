@@ -23,7 +23,6 @@ DCP metadata file is made of. `checkpoint.allowed_classes` admits more, once a u
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import importlib
 import io
@@ -44,7 +43,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from omegaconf import OmegaConf
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -52,8 +50,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from vit.config import resume_conflict
-from vit.distributed import barrier, broadcast_object
+from vit.engine.distributed import barrier, broadcast_object
 from vit.errors import CheckpointError, CheckpointRefusedError, CheckpointSaveError, ConfigError
 from vit.run_dir import checkpoints_dir, step_of
 
@@ -152,6 +149,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 INCOMPLETE = "incomplete (no COMPLETE marker)"
 
 
+def read_train_state(path: Path) -> dict:
+    return json.loads((path / TRAIN_STATE).read_text())
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """All `step-N` directories, newest first."""
     if not root.is_dir():
@@ -165,7 +166,7 @@ def problem_with(path: Path) -> str | None:
     if not (path / COMPLETE).is_file():
         return INCOMPLETE
     try:
-        json.loads((path / TRAIN_STATE).read_text())
+        read_train_state(path)
         metadata = SafeReader(str(path)).read_metadata()
     except RefusedClass as e:
         raise refusal(path, e) from None
@@ -238,21 +239,21 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _versions_text(found: dict | None) -> str:
+def versions_text(found: dict | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in found.items() if k != "python") if found else "unknown versions"
 
 
 def refusal(path: Path, refused: RefusedClass) -> CheckpointRefusedError:
     """The one line a user needs: which checkpoint, which key and class, which versions, what to do."""
     try:
-        state = json.loads((path / TRAIN_STATE).read_text())
+        state = read_train_state(path)
         written = state.get("versions") or {"vit": state.get("version", "?")}
     except (OSError, ValueError):
         written = None
     names = " ".join(refused.names)
     return CheckpointRefusedError(
-        f"checkpoint {path} is refused by the safe loader: {refused} (written with {_versions_text(written)}; "
-        f"installed: {_versions_text(versions())}); pin the versions that wrote it, or, after checking the "
+        f"checkpoint {path} is refused by the safe loader: {refused} (written with {versions_text(written)}; "
+        f"installed: {versions_text(versions())}); pin the versions that wrote it, or, after checking the "
         f"class is harmless, allow it with checkpoint.allowed_classes=[{names.replace(' ', ',')}]")
 
 
@@ -490,8 +491,7 @@ class Checkpointer:
         candidates, error = None, None
         if self.rank == 0:
             candidates = [str(p) for p in checkpoint_dirs(self.root)]
-            error = next((f"{self.root.parent} holds checkpoints of another setup ({why}); resume with the "
-                          "same settings, or give this one a new run_dir"
+            error = next((str(another_setup(self.root.parent, why))
                           for why in (incompatible(state) for state in map(_complete_train_state, candidates)
                                       if state is not None) if why), None)
         candidates, error = broadcast_object((candidates, error))
@@ -538,13 +538,12 @@ class Checkpointer:
             if rng is not None:
                 set_rng_state(rng)
             self._known_valid.add(path)
-            return {"path": str(path), **json.loads((path / TRAIN_STATE).read_text())}
+            return {"path": str(path), **read_train_state(path)}
         aside = broadcast_object([f"{p.name} ({why_set_aside(p)})" for p in set_aside_dirs(self.root)]
                                  if self.rank == 0 else None)
         if aside:
-            raise CheckpointError(f"no checkpoint of {self.root.parent} loads, and it never starts again from step 0 "
-                                  f"on its own; set aside in {self.root}: {'; '.join(aside)}; inspect them, then "
-                                  "remove them to start afresh (or restore one that loads)")
+            raise none_loads(self.root.parent, f"set aside in {self.root}: {'; '.join(aside)}; inspect them, then "
+                                               "remove them to start afresh (or restore one that loads)")
         return None
 
 
@@ -552,7 +551,7 @@ def _complete_train_state(path: str) -> dict | None:
     """The train state of a committed checkpoint; None for one in flight or damaged (`problem_with`
     reports that when load_latest reaches it)."""
     try:
-        return json.loads((Path(path) / TRAIN_STATE).read_text()) if (Path(path) / COMPLETE).is_file() else None
+        return read_train_state(Path(path)) if (Path(path) / COMPLETE).is_file() else None
     except (OSError, ValueError):
         return None
 
@@ -621,10 +620,10 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
 def consolidated_model(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """The full (unsharded) model state of a pretraining checkpoint on CPU, and its train state.
     Needs no process group: DCP reads every shard in this process."""
-    from vit.model import build_model
+    from vit.models.vit import build_model
 
     path = resolve_checkpoint(checkpoint)
-    state = json.loads((path / TRAIN_STATE).read_text())
+    state = read_train_state(path)
     cfg = state["config"]
     with torch.device("meta"):
         model = build_model(cfg["model"]["name"], num_classes=len(state["classes"]), img_size=cfg["data"]["img_size"])
@@ -668,7 +667,7 @@ def describe(root: Path) -> list[dict]:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         marker = path / COMPLETE
         try:
-            written = json.loads((path / TRAIN_STATE).read_text()).get("versions")
+            written = read_train_state(path).get("versions")
         except (OSError, ValueError):
             written = None
         if path in aside:
@@ -711,83 +710,34 @@ def check_byte_items(path: Path) -> None:
         raise CheckpointError(f"checkpoint {path}: its byte items do not load ({_root_cause(e)})") from None
 
 
-def check_resumable(run_dir: str | os.PathLike, cfg=None) -> str:
-    """What a start of this run would resume from, checked without a process group: the newest
-    checkpoint whose files are whole, every byte item through the safe unpickler, the config's
-    conflicts with it, and its model shapes against the model built now. Raises CheckpointError
-    (CheckpointRefusedError for a refusal) or ConfigError; nothing is changed on disk."""
-    from vit.tasks import build_task  # which imports this module
+def another_setup(run_dir: str | os.PathLike, why: str) -> CheckpointError:
+    return CheckpointError(f"{run_dir} holds checkpoints of another setup ({why}); resume with the same settings, "
+                           "or give this one a new run_dir")
 
+
+def none_loads(run_dir: str | os.PathLike, what_to_do: str) -> CheckpointError:
+    return CheckpointError(f"no checkpoint of {run_dir} loads, and it never starts again from step 0 on its own; "
+                           + what_to_do)
+
+
+def newest_loadable(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint a start of this run would resume from, checked without a process group: its
+    files whole and every byte item through the safe unpickler. None for a run without checkpoints;
+    CheckpointError (CheckpointRefusedError for a refusal) when it has some but none loads."""
     root = checkpoints_dir(run_dir)
     for path in checkpoint_dirs(root):
         if problem_with(path) is None:
-            break
-    else:
-        if set_aside_dirs(root) or any((p / COMPLETE).exists() for p in checkpoint_dirs(root)):
-            raise CheckpointError(f"no checkpoint of {run_dir} loads, and it never starts again from step 0 on "
-                                  "its own; see python -m vit.checkpoint ls " + str(run_dir))
-        return f"{run_dir} has no checkpoint: the run starts from step 0"
-    check_byte_items(path)
-    state = json.loads((path / TRAIN_STATE).read_text())
-    cfg = cfg if cfg is not None else OmegaConf.create(state["config"])
-    why = resume_conflict(state["config"], cfg)
-    if why:
-        raise CheckpointError(f"{run_dir} holds checkpoints of another setup ({why}); resume with the same "
-                              "settings, or give this one a new run_dir")
-    with torch.device("meta"):
-        model = build_task(cfg).build_model(len(state["classes"]))
-    saved = {k[len("model."):]: v.size for k, v in SafeReader(str(path)).read_metadata().state_dict_metadata.items()
-             if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
-    now = {k: v.shape for k, v in model.state_dict().items()}
-    misfit = sorted(set(saved) ^ set(now)) or [k for k in saved if tuple(saved[k]) != tuple(now[k])]
-    if misfit:
-        raise CheckpointError(f"checkpoint {path} does not fit the model built now ({len(misfit)} tensors differ, "
-                              f"e.g. {misfit[0]}: {tuple(saved.get(misfit[0], ()))} saved, "
-                              f"{tuple(now[misfit[0]]) if misfit[0] in now else ()} now); resume with the code "
-                              "and settings that wrote it, or give this run a new run_dir")
-    return (f"{path} resumes (step {state['step']}, written with "
-            f"{_versions_text(state.get('versions') or {'vit': state.get('version', '?')})})")
+            check_byte_items(path)
+            return path
+    if set_aside_dirs(root) or any((p / COMPLETE).exists() for p in checkpoint_dirs(root)):
+        raise none_loads(run_dir, f"see python jobs/checkpoint.py ls {run_dir}")
+    return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vit.checkpoint", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="consolidate a checkpoint's model for timm (vit/export.py)")
-    ex.add_argument("checkpoint", help="a step-N directory, or a run directory (newest valid checkpoint)")
-    ex.add_argument("out", help="a folder timm loads as local-dir:OUT, or one .safetensors file")
-    ls = sub.add_parser("ls", help="list a run's checkpoints with step, time, size, versions and validity")
-    ls.add_argument("run_dir")
-    ls.add_argument("--json", action="store_true")
-    check = sub.add_parser("check", help="check, changing nothing, that the run resumes with the installed "
-                                         "versions (and CONFIG, else the checkpoint's own config)")
-    check.add_argument("run_dir")
-    check.add_argument("--config", help="a resolved config (YAML) to resume with")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "export":
-            from vit.export import export
-            print(export(args.checkpoint, args.out))
-            return 0
-        if args.command == "check":
-            cfg = OmegaConf.load(args.config) if args.config else None
-            if cfg is not None:
-                allow_classes(cfg.checkpoint.get("allowed_classes"))
-            print(check_resumable(args.run_dir, cfg))
-            return 0
-        root = Path(args.run_dir)
-        rows = describe(checkpoints_dir(root) if checkpoints_dir(root).is_dir() else root)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if args.command == "check" else 1
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(f"{'step':>10}  {'time':19}  {'size':>10}  {'written with':40}  status")
-        for r in rows:
-            print(f"{r['step']:>10}  {r['time'] or '-':19}  {r['size_bytes'] / 1e6:>8.1f}MB  "
-                  f"{_versions_text(r['versions']) if r['versions'] else '-':40}  {r['status']}")
-    return 0
+def saved_model_shapes(path: Path) -> dict[str, tuple]:
+    """The model's tensor shapes in a checkpoint, from its metadata alone."""
+    tensors = SafeReader(str(path)).read_metadata().state_dict_metadata.items()
+    return {k[len("model."):]: tuple(v.size) for k, v in tensors
+            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """What runs on each Slurm node: torchrun for the workers, the stop signal path, and the requeue decision.
 
 One task per node runs a `NodeAgent`: started by submitit for the Hydra launcher, or by `srun` in the
-plain sbatch scripts as `python -m vit.slurm --run-dir DIR -- SCRIPT [ARGS]`. The signal path:
+plain sbatch scripts as `python -m vit.cluster.agent --run-dir DIR -- SCRIPT [ARGS]`. The signal path:
 
   Slurm --signal=USR2@lead (time limit; preemption with preempt_send_user_signal)
     -> this agent (and maybe other processes of the step), which forwards USR2 to every process under torchrun
@@ -13,7 +13,7 @@ plain sbatch scripts as `python -m vit.slurm --run-dir DIR -- SCRIPT [ARGS]`. Th
 
 torchrun runs as a child process rather than in-process (`elastic_launch`), so that it can be
 shielded from USR2 and so that a crash of the workers never takes the agent's decision with it. It
-runs as `python -m vit.torchrun`, which reports a failed worker in one line.
+runs as `python -m vit.cluster.torchrun`, which reports a failed worker in one line.
 A submitit task starts with USR2 blocked (`submitit_python`) until the agent's handler is in place.
 """
 from __future__ import annotations
@@ -22,68 +22,21 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from vit.journal import Journal, read_journal
+from vit.cluster.slurm import WAITING, first_node_address, jobs_of_run, scontrol_requeue, time_left_s
+from vit.journal import Journal
 from vit.run_dir import STATUS, latest_checkpoint_step, read_jsonl, read_status, requeue_log, slurm_dir
 
 # The node agent's defaults for the plain sbatch scripts; the Hydra launcher passes cluster.* instead.
 MAX_REQUEUES = 40  # a 3-week run in 48 h allocations needs 11; the rest is room for slow or lost steps
 SIGNAL_LEAD_S = 300  # as in the scripts' `#SBATCH --signal=USR2@300` (tests/test_sbatch.py checks it)
 
-# --- the Slurm commands: each one is run from here and nowhere else --------------------------------
-
-
-def squeue(job_ids: list[str], fields: str, timeout: float = 60) -> list[list[str]] | None:
-    """squeue's rows (`fields` is its -o format) for the jobs it still knows; None when it does not
-    answer. All IDs unknown (long gone) is an error with nothing on stdout: no rows."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", fields], capture_output=True,
-                             text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return [line.split() for line in out.stdout.splitlines() if line.strip()]
-
-
-def scontrol_show(kind: str, name: str, timeout: float = 60) -> dict[str, str]:
-    """`scontrol show -o KIND NAME` as key=value fields; {} when it does not answer."""
-    try:
-        out = subprocess.run(["scontrol", "show", "-o", kind, name], capture_output=True, text=True,
-                             timeout=timeout).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-def job_state(job_id: str | None, timeout: float = 10.0) -> str | None:
-    """squeue while the job is known to the controller, scontrol after; None without Slurm."""
-    if not job_id or not shutil.which("squeue"):
-        return None
-    rows = squeue([str(job_id)], "%T", timeout)
-    if rows:
-        return rows[0][0]
-    return scontrol_show("job", str(job_id), timeout).get("JobState")
-
-
-def scontrol_requeue(job_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
-
-
 # --- rendezvous ---------------------------------------------------------------------------------
-
-def first_node_address() -> str:
-    """Address of the first host in SLURM_JOB_NODELIST: the c10d rendezvous runs there."""
-    nodelist = os.environ["SLURM_JOB_NODELIST"]
-    host = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                          check=True, timeout=60).stdout.split()[0]
-    # A node's name need not resolve (several slurmd on one host, or site naming): ask Slurm.
-    return scontrol_show("node", host).get("NodeAddr", host)
-
 
 def rendezvous_port(job_id: str) -> int:
     """Stable across requeues (the job ID is kept) and unlikely to collide between jobs on a node."""
@@ -93,7 +46,7 @@ def rendezvous_port(job_id: str) -> int:
 def torchrun_command(worker: list[str], procs_per_node: int) -> list[str]:
     job_id = os.environ["SLURM_JOB_ID"]
     return [
-        sys.executable, "-m", "vit.torchrun",
+        sys.executable, "-m", "vit.cluster.torchrun",
         f"--nnodes={os.environ.get('SLURM_JOB_NUM_NODES', '1')}",
         f"--nproc-per-node={procs_per_node}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node_address()}:{rendezvous_port(job_id)}",
@@ -122,39 +75,6 @@ def descendants(pid: int) -> list[int]:
 
 
 # --- requeue policy -----------------------------------------------------------------------------
-
-# squeue also lists a job for a few minutes after it ended (MinJobAge); any other state may still train.
-ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
-         "OUT_OF_MEMORY"}
-WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT", "RESV_DEL_HOLD"}
-
-
-def jobs_of_run(run_dir: str | os.PathLike) -> dict[str, str]:
-    """The Slurm jobs submitted for or started in this run directory that have not ended: ID -> state.
-    Empty when squeue does not answer (the check it serves must not block a submission)."""
-    ids = {e["job_id"] for e in read_journal(run_dir) if e["event"] in ("submit", "job_start") and e.get("job_id")}
-    if not ids:
-        return {}
-    jobs = dict(row for row in squeue(sorted(ids), "%i %T") or [] if len(row) == 2)
-    return {job: state for job, state in jobs.items() if state not in ENDED}
-
-
-def time_left_s(job_id: str) -> float | None:
-    """Seconds to the job's time limit: squeue's answer, else the end time Slurm put in the job's
-    environment; None if neither is known (a slow or failing squeue must not cost the decision)."""
-    rows = squeue([job_id], "%L")
-    text = rows[0][0] if rows else ""
-    if text in ("UNLIMITED", "NOT_SET", "INVALID"):
-        return None
-    if not text:
-        end = os.environ.get("SLURM_JOB_END_TIME", "")
-        return float(end) - time.time() if end.isdigit() and int(end) > 0 else None
-    days, _, clock = text.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
 
 # Slurm enforces limits and sends signals on a ~30 s tick: its time-limit USR2 comes up to this much
 # early (or late), and its time-limit SIGTERM never earlier than this before the limit.
@@ -211,17 +131,6 @@ def requeue_decision(status: dict, cause: str | None, history: list[dict], max_r
     return True, f"failed at step {status.get('step')} ({status.get('error')})"
 
 
-def submitit_python() -> str:
-    """The interpreter command for submitit's task on each node: it blocks USR2 and execs the real
-    interpreter. Until `NodeAgent.run` installs its handler, the task spends seconds importing and
-    unpickling, and USR2's default action would kill it: a preemption then failed the job instead
-    of requeueing it. Blocked, the signal stays pending (masks survive exec) until the agent unblocks it.
-    """
-    boot = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2}); "
-            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
-    return f"{shlex.quote(sys.executable)} -c {shlex.quote(boot)}"
-
-
 # --- the node agent -----------------------------------------------------------------------------
 
 class NodeAgent:
@@ -241,7 +150,7 @@ class NodeAgent:
         self.journal = Journal(run_dir)
 
     def log(self, message: str) -> None:
-        print(f"[vit.slurm job {self.job_id} node {self.node_id}] {message}", flush=True)
+        print(f"[vit.cluster.agent job {self.job_id} node {self.node_id}] {message}", flush=True)
 
     def _on_signal(self, signum, frame) -> None:
         # Only flags here; forwarding, the squeue call and logging happen in the wait loop.
@@ -404,7 +313,7 @@ class NodeAgent:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vit.slurm", description="Run one node of a Slurm job: torchrun over SCRIPT with the "
+        prog="python -m vit.cluster.agent", description="Run one node of a Slurm job: torchrun over SCRIPT with the "
         "rendezvous from the Slurm environment, the stop-signal path, and the requeue decision (node 0).")
     parser.add_argument("--run-dir", required=True, help="the run directory SCRIPT writes (status.json, checkpoints)")
     parser.add_argument("--procs-per-node", type=int, default=1, help="ranks on this node (one per GPU)")

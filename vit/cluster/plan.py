@@ -18,9 +18,9 @@ import math
 import torch
 from omegaconf import DictConfig
 
+from vit.cluster.status import format_duration
 from vit.config import total_steps
 from vit.data.sources import expected_train_samples
-from vit.status import format_duration
 from vit.tasks import build_task
 
 DEFAULTS = {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}

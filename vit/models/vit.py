@@ -179,7 +179,7 @@ class VisionTransformer(nn.Module):
 @torch.no_grad()
 def init_trunk(model: nn.Module) -> None:
     """The scheme above for every linear and norm layer, the patch embedding and `pos_embed` of a
-    ViT (also the dense-prediction trunk in vit/dense.py)."""
+    ViT (also the dense-prediction trunk in vit/models/dense.py)."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and name.endswith("attn.qkv"):
             # JAX's q, k and v are three Dense layers: Xavier on each D x D part's own fan. On the

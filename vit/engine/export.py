@@ -1,6 +1,6 @@
 """A pretraining checkpoint as a folder that timm loads and preprocesses for as it was trained:
 
-    python -m vit.checkpoint export RUN_OR_STEP_DIR OUT_DIR
+    python jobs/checkpoint.py export RUN_OR_STEP_DIR OUT_DIR
     timm.create_model("local-dir:OUT_DIR", pretrained=True)       # timm >= 1.0.26 for safetensors
 
 OUT_DIR holds model.safetensors (timm's names) and config.json: the timm architecture, num_classes,
@@ -8,7 +8,7 @@ label_names (the class names in label order: the synsets) and a pretrained_cfg w
 preprocessing of the run's data config (mean, std, interpolation, crop_pct). timm's own defaults
 for the architecture (vit_huge_patch14_224: mean/std 0.5, bicubic, crop 0.9) are not what this
 recipe trains with, and a model fed other inputs than it was trained on loses accuracy quietly.
-An OUT ending in .safetensors gets the single file of vit.checkpoint.export_safetensors instead.
+An OUT ending in .safetensors gets the single file of vit.engine.checkpoint.export_safetensors instead.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import json
 import os
 from pathlib import Path
 
-from vit.checkpoint import consolidated_model, export_safetensors
 from vit.data.transforms import build_transform
-from vit.model import VARIANTS
+from vit.engine.checkpoint import consolidated_model, export_safetensors
+from vit.models.vit import VARIANTS
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -1,0 +1,44 @@
+"""The Hydra task function of jobs/pretrain.py and jobs/finetune.py: print the plan, train in this
+process (vit/cluster/worker.py), or, in a task of a job the Slurm launcher submitted, run this node's
+agent (vit/cluster/agent.py), which starts torchrun over the workers.
+"""
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+from vit.cluster.worker import run_training
+from vit.errors import ConfigError, fail
+from vit.run_dir import slurm_dir
+
+
+def run_slurm_node(cfg: DictConfig) -> None:
+    """A submitit task (one per node): write the resolved config, run torchrun, decide on requeue."""
+    from vit.cluster.agent import NodeAgent
+
+    config = slurm_dir(cfg.run_dir) / f"config-{os.environ['SLURM_JOB_ID']}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    tmp = config.with_name(f"{config.name}.{os.environ.get('SLURM_NODEID', '0')}.tmp")
+    OmegaConf.save(cfg, tmp, resolve=True)
+    os.replace(tmp, config)  # every node writes the same bytes; the rename keeps readers safe
+    cluster = cfg.cluster
+    code = NodeAgent(["-m", "vit.cluster.worker", str(config)], cfg.run_dir, cluster.procs_per_node,
+                     cluster.max_requeues, cluster.crash_loop_limit, cluster.signal_lead_s).run()
+    if code:
+        raise RuntimeError(f"training on node {os.environ.get('SLURM_NODEID')} ended with status {code}; "
+                           f"see {cfg.run_dir}/status.json and the logs in {cfg.run_dir}/slurm")
+
+
+def main(cfg: DictConfig) -> dict | None:
+    """The Hydra task function of `jobs/*.py`: the plan, a Slurm node agent, or the training itself."""
+    if cfg.get("plan"):
+        from vit.cluster.plan import format_plan, plan
+        print(format_plan(plan(cfg)))
+        return None
+    if cfg.cluster.launcher == "slurm" and "RANK" not in os.environ:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # a task of our own submission; not any salloc shell
+            return run_slurm_node(cfg)
+        fail(ConfigError("cluster", f"{cfg.cluster.nodes}-node Slurm cluster config without -m would train here, "
+                         "on this machine", "submit it with -m (python jobs/<script>.py -m cluster=...)"))
+    return run_training(cfg)
