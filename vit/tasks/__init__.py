@@ -1,7 +1,8 @@
 """What differs between pretraining, COCO detection and ADE20K segmentation, behind one interface.
 
-The training loop (vit/engine/train.py) is the same for all three; a task (vit/tasks/base.py) supplies the model, the loss of
-a micro-batch, what to shard and at which learning-rate scale, and the evaluation:
+The training loop (vit/engine/train.py) is the same for all three; a task (vit/tasks/base.py)
+supplies the model, the loss of a micro-batch, what to shard and at which learning-rate scale, and
+the evaluation, which lives beside it in its module:
 
   classification   ViT + linear head on the class token; top-1/top-5          (jobs/pretrain.py)
   coco             ViTDet: windowed trunk, simple pyramid, Mask R-CNN; box and mask AP by COCOeval
