@@ -1,7 +1,6 @@
 """Run the real entry points as subprocesses on tiny configs and read what they wrote."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -43,14 +42,16 @@ def checkpoint_cli(argv: list[str]) -> int:
     return runpy.run_path(str(ROOT / "jobs" / "checkpoint.py"))["main"](argv)
 
 
+def journaled(run_dir: Path, event: str) -> list[dict]:
+    """The run journal's `event` records (metrics, evaluation, ...) in the order they were written."""
+    from vit.journal import read_journal
+
+    return [e for e in read_journal(run_dir) if e["event"] == event]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss; a resumed run appends, and a repeated step keeps its latest value."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:  # evaluation records carry val_top1/val_top5 instead
-            out[record["step"]] = record["loss"]
-    return out
+    return {e["step"]: e["loss"] for e in journaled(run_dir, "metrics")}
 
 
 def plant_refused_class(checkpoint: Path, where: str) -> str:

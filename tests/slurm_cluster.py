@@ -287,12 +287,12 @@ def dump_logs(env: Mapping[str, str], extra_files: Iterable[str | os.PathLike] =
 
 
 def wait_for_step(run_dir: Path, step: int, env, job: int, timeout: float = 180, log_files=None) -> None:
-    """Until the job has logged `step` to <run_dir>/metrics.jsonl."""
+    """Until the job has logged `step` to the run journal."""
     from helpers import losses
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+        if max(losses(run_dir), default=0) >= step:
             return
         if job_state(job, env).get("JobState") in TERMINAL_STATES:
             break

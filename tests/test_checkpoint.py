@@ -2,7 +2,7 @@
 disk full, export to timm, async save.
 
 Most tests run the real entry point (`jobs/pretrain.py`, under torchrun for 2 ranks) on the TINY
-config of `helpers` and compare the per-step losses in metrics.jsonl with one uninterrupted run.
+config of `helpers` and compare the per-step losses in the run journal with one uninterrupted run.
 Same world size on CPU in fp32 must be bitwise equal (`==` on the floats); a change of world size
 changes the order of floating-point sums, so it is compared with a relative tolerance.
 """
@@ -60,8 +60,9 @@ def copy_run(src: Path, dst: Path, upto_step: int) -> Path:
         if path.is_dir() and int(path.name[5:]) > upto_step:
             shutil.rmtree(path)
     (dst / "checkpoints" / "latest").write_text(f"step-{upto_step}\n")
-    lines = (dst / "metrics.jsonl").read_text().splitlines()
-    (dst / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= upto_step))
+    lines = (dst / "journal.jsonl").read_text().splitlines()
+    (dst / "journal.jsonl").write_text("".join(line + "\n" for line in lines
+                                               if (json.loads(line)["step"] or 0) <= upto_step))
     return dst
 
 
@@ -500,9 +501,7 @@ def test_interrupt_during_accumulation_saves_at_a_step_boundary_and_resumes_bitw
     proc = subprocess.Popen(job_command(run, steps, accumulate), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        metrics = run / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc, 240,
-                 "2 logged steps")
+        wait_for(lambda: len(losses(run)) >= 2, proc, 240, "2 logged steps")
         proc.send_signal(signal.SIGINT)  # almost surely lands inside a step's forward/backward passes
         out, err = proc.communicate(timeout=240)
     finally:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import make_ade20k, make_coco
-from helpers import ROOT, losses, run_job
+from helpers import ROOT, journaled, losses, run_job
 from omegaconf import OmegaConf
 
 from vit.config import validate_task
@@ -72,8 +72,7 @@ def test_detector_learns_and_cocoeval_scores_it(coco, tmp_path):
     # a broken box, mask, label or coordinate path.
     assert final["AP50"] > 20 and final["AP"] > 5, final
     assert final["mask_AP50"] > 20 and final["mask_AP"] > 5 and final["mask_detections"] == final["detections"], final
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if "AP" in r] == [150, 300]
+    assert [r["step"] for r in journaled(run_dir, "evaluation") if "AP" in r] == [150, 300]
 
 
 def test_cocoeval_scores_the_ground_truth_100_every_time(coco):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from datasets import CLASSES, make_imagefolder
-from helpers import ROOT, losses, run_job
+from helpers import ROOT, journaled, losses, run_job
 
 from vit.config import accumulation_steps
 from vit.engine.optim import param_groups, warmup_cosine
@@ -104,8 +104,7 @@ def test_a_diverged_run_skips_its_updates_and_stops_after_ten_in_a_row(tmp_path)
     proc = run_job(tmp_path, *diverging, check=False)
     assert proc.returncode != 0
     assert "not finite for the last 10 steps (their updates were skipped) at step 11" in proc.stderr, proc.stderr[-2000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in records if "loss" in r] == [0] + [1] * 10
+    assert [r["skipped_steps"] for r in journaled(tmp_path, "metrics")] == [0] + [1] * 10
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-10"
     weights, _ = consolidated_model(tmp_path / "checkpoints" / "step-10")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -287,8 +286,7 @@ def test_smoke_command_runs_end_to_end(tmp_path):
     assert "summary:" in proc.stdout and '"state": "completed"' in proc.stdout
     curve = losses(tmp_path / "runs/smoke")
     assert max(curve) == 120 and curve[120] < 0.5 * curve[10]
-    evals = [json.loads(line) for line in (tmp_path / "runs/smoke/metrics.jsonl").read_text().splitlines()
-             if "val_top1" in line]
+    evals = journaled(tmp_path / "runs/smoke", "evaluation")
     assert [e["step"] for e in evals] == [60, 120] and evals[-1]["val_top1"] > 0.5  # 10 classes: chance is 0.1
     assert (tmp_path / "runs/smoke/checkpoints/step-120/COMPLETE").exists()
     again = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "experiment=smoke"], cwd=tmp_path,
@@ -302,7 +300,10 @@ def test_throughput_leaves_out_evaluations_and_saves(tmp_path, monkeypatch):
     import vit.engine.metrics
     clock = [100.0]
     monkeypatch.setattr(vit.engine.metrics.time, "perf_counter", lambda: clock[0])
-    logger = vit.engine.metrics.MetricsLogger(str(tmp_path), True, 10, 0, 1e9, 1, torch.device("cpu"), progress=False)
+    from vit.journal import Journal
+
+    logger = vit.engine.metrics.MetricsLogger(Journal(tmp_path), True, 10, 0, 1e9, 1, torch.device("cpu"),
+                                              progress=False)
     logger.step(64)
     clock[0] += 2.0  # training
     with logger.paused():
@@ -330,11 +331,9 @@ def test_mfu_peak_is_the_parts_own(name, peak):
     assert peak_flops_of(name) == peak
 
 
-def test_metrics_file_has_one_record_per_logged_step(tmp_path):
+def test_the_journal_has_one_metrics_record_per_logged_step(tmp_path):
     run_job(tmp_path, "train.steps=4", "train.log_every=2")
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "val_top1" in r]
-    records = [r for r in records if "loss" in r]
+    records, evals = journaled(tmp_path, "metrics"), journaled(tmp_path, "evaluation")
     assert [r["step"] for r in records] == [2, 4]
     assert [r["step"] for r in evals] == [4] and 0 <= evals[0]["val_top1"] <= evals[0]["val_top5"] <= 1
     assert {"step", "loss", "lr", "grad_norm", "images_per_s", "tflops_per_device", "mfu"} <= set(records[0])

@@ -2,8 +2,8 @@
 
     <run_dir>/
       status.json            how the last training process ended (rank 0; any rank for a user error)
-      journal.jsonl          append-only record of what happened to the run (vit/journal.py)
-      metrics.jsonl          one line per logged step (vit/engine/metrics.py)
+      journal.jsonl          append-only record of what happened to the run (vit/journal.py), the
+                             training metrics of every logged step and every evaluation included
       checkpoints/step-N/    sharded checkpoints (vit/engine/checkpoint.py); checkpoints/latest names the newest
       eval/step-N.json       evaluations; eval/latest.json is the newest
       slurm/                 job logs, the composed config of each job, requeues.jsonl (the agent's decisions)
@@ -20,7 +20,6 @@ from pathlib import Path
 
 STATUS = "status.json"
 JOURNAL = "journal.jsonl"
-METRICS = "metrics.jsonl"
 REQUEUE_LOG = "requeues.jsonl"
 
 

@@ -45,9 +45,13 @@ ConfigStore.instance().store(group="hydra/launcher", name="vit_slurm", node=VitS
 class VitSlurmLauncher(SlurmLauncher):
     def __call__(self, overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: dict, cfg: DictConfig) -> JobReturn:
-        """A task of a submitted job, at each of its starts: run the config composed at submission, so
-        that an edit of conf/ while a 3-week run is queued or requeued does not change that run."""
+        """A task of a submitted job (one per node), at each of its starts: this node's agent, which runs
+        torchrun over the workers and decides on the requeue. It runs the config composed at
+        submission, so that an edit of conf/ while a 3-week run is queued or requeued does not change
+        that run."""
         import submitit
+
+        from vit.cluster.launch import run_slurm_node
 
         Singleton.set_state(singleton_state)
         setup_globals()
@@ -55,7 +59,7 @@ class VitSlurmLauncher(SlurmLauncher):
         with open_dict(cfg.hydra.job):
             cfg.hydra.job.id = submitit.JobEnvironment().job_id
             cfg.hydra.job.num = job_num
-        result = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
+        result = run_job(hydra_context=self.hydra_context, task_function=run_slurm_node, config=cfg,
                          job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
         if result.status == JobStatus.FAILED:
             raise result._return_value  # the exception: the Slurm job must end FAILED, not COMPLETED
@@ -174,7 +178,7 @@ def _print_submission(job, cfg, folder: Path) -> None:
           f"  run dir : {run_dir}\n"
           f"  logs    : {folder.resolve()}/{job.job_id}_<node>_log.out (and .err)\n"
           f"  follow  : squeue -j {job.job_id}; tail -f {folder.resolve()}/{job.job_id}_0_log.out\n"
-          f"  metrics : {run_dir}/metrics.jsonl; python jobs/checkpoint.py ls {run_dir}", flush=True)
+          f"  status  : python jobs/status.py {run_dir}; python jobs/checkpoint.py ls {run_dir}", flush=True)
 
 
 def register() -> None:

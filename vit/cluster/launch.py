@@ -14,7 +14,8 @@ from vit.run_dir import slurm_dir
 
 
 def run_slurm_node(cfg: DictConfig) -> None:
-    """A submitit task (one per node): write the resolved config, run torchrun, decide on requeue."""
+    """A task of a job the Slurm launcher submitted (one per node): write the resolved config, run this
+    node's agent (torchrun over the workers, the stop path, the requeue decision)."""
     from vit.cluster.agent import NodeAgent
 
     config = slurm_dir(cfg.run_dir) / f"config-{os.environ['SLURM_JOB_ID']}.yaml"
@@ -31,14 +32,13 @@ def run_slurm_node(cfg: DictConfig) -> None:
 
 
 def main(cfg: DictConfig) -> dict | None:
-    """The Hydra task function of `jobs/*.py`: the plan, a Slurm node agent, or the training itself."""
+    """The Hydra task function of `jobs/*.py` run here: the plan, or the training itself. (A task of a
+    job the Slurm launcher submitted runs `run_slurm_node` instead.)"""
     if cfg.get("plan"):
         from vit.cluster.plan import format_plan, plan
         print(format_plan(plan(cfg)))
         return None
-    if cfg.cluster.launcher == "slurm" and "RANK" not in os.environ:
-        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # a task of our own submission; not any salloc shell
-            return run_slurm_node(cfg)
+    if cfg.cluster.launcher == "slurm" and "RANK" not in os.environ:  # not as a rank of torchrun
         fail(ConfigError("cluster", f"{cfg.cluster.nodes}-node Slurm cluster config without -m would train here, "
                          "on this machine", "submit it with -m (python jobs/<script>.py -m cluster=...)"))
     return run_training(cfg)

@@ -1,15 +1,13 @@
-"""Throughput, MFU and the metrics file."""
+"""Throughput and MFU of the training loop, recorded in the run journal."""
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from contextlib import contextmanager
 
 import torch
 
-from vit.run_dir import METRICS
+from vit.journal import Journal
 
 # Dense bf16 peak FLOP/s by device-name fragment (datasheets), the first that matches: the PCIe and
 # NVL parts of a name are slower than its SXM part ("NVIDIA H100 80GB HBM3").
@@ -26,17 +24,17 @@ def peak_flops_of(name: str) -> float | None:
 
 
 class MetricsLogger:
-    """Rank 0 appends one JSON object per logged step to `<run_dir>/metrics.jsonl` and shows progress.
+    """Throughput and MFU of each log window, recorded once: as a `metrics` event of the run journal
+    (rank 0), which status, plots and TensorBoard read; and shown as a progress bar or a line.
 
     The loss is written as a Python float (full fp64 repr of the fp32 value) so runs compare exactly.
     """
 
-    def __init__(self, run_dir: str, enabled: bool, total_steps: int, start_step: int, flops_per_image: float,
+    def __init__(self, journal: Journal, enabled: bool, total_steps: int, start_step: int, flops_per_image: float,
                  world_size: int, device: torch.device, progress: bool | None = None):
-        self.enabled, self.total_steps = enabled, total_steps
+        self.journal, self.enabled, self.total_steps = journal, enabled, total_steps
         self.flops_per_image, self.world_size, self.device = flops_per_image, world_size, device
         self.peak = peak_flops(device)
-        self.file = open(os.path.join(run_dir, METRICS), "a") if enabled else None
         show = sys.stderr.isatty() if progress is None else progress
         self.bar = None
         if enabled and show:
@@ -64,15 +62,14 @@ class MetricsLogger:
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         images_per_s = self.window_images / elapsed
         tflops = images_per_s * self.flops_per_image / self.world_size / 1e12
-        record = {"step": step, **values, "images_per_s": images_per_s, "tflops_per_device": tflops,
-                  "mfu": tflops * 1e12 / self.peak if self.peak else None, "time": time.time()}
+        record = {**values, "images_per_s": images_per_s, "tflops_per_device": tflops,
+                  "mfu": tflops * 1e12 / self.peak if self.peak else None}
         if self.device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         self.window_start, self.window_images = time.perf_counter(), 0
-        self.last = record
+        self.last = {"step": step, **record}
         if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            self.journal.write("metrics", step, **record)
             text = f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} {images_per_s:.1f} img/s"
             if record["mfu"] is not None:
                 text += f" mfu {record['mfu']:.1%}"
@@ -80,18 +77,14 @@ class MetricsLogger:
                 self.bar.set_postfix_str(text)
             else:
                 print(f"step {step}/{self.total_steps} {text}", flush=True)
-        return record
+        return self.last
 
-    def write(self, record: dict) -> None:
-        """An extra record (e.g. evaluation) in the metrics file and on the console."""
+    def show(self, record: dict) -> None:
+        """An extra record (e.g. an evaluation, which the caller journals) on the console."""
         if self.enabled:
-            self.file.write(json.dumps({**record, "time": time.time()}) + "\n")
-            self.file.flush()
             text = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
             (self.bar.write if self.bar is not None else print)(text)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.file is not None:
-            self.file.close()

@@ -94,7 +94,7 @@ def evaluate(task, model, val_source, world, run_dir: Path, step: int, journal: 
     if world.is_main:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         write_evaluation(run_dir, step, metrics)
-        logger.write({"step": step, **scalars})
+        logger.show({"step": step, **scalars})
         journal.write("evaluation", step, eval_s=time.time() - started, **scalars)
 
 
@@ -278,7 +278,7 @@ def already_complete(task, model, val_source, world, run_dir: Path, step: int, t
                      owed_eval: bool) -> dict:
     """A start after the last step: only an evaluation that a stop skipped is left to do."""
     if owed_eval:
-        logger = MetricsLogger(str(run_dir), world.is_main, total, step, 0.0, world.world_size, world.device,
+        logger = MetricsLogger(journal, world.is_main, total, step, 0.0, world.world_size, world.device,
                                progress=False)
         evaluate(task, model, val_source, world, run_dir, step, journal, logger)
         logger.close()
@@ -328,7 +328,7 @@ def train(cfg: DictConfig, state: TrainState | None = None) -> dict:
     batches = iter(build_loader(source, global_batch=global_batch, micro_batch=micro_batch, rank=world.rank,
                                 world_size=world.world_size, seed=cfg.seed, start=state.position,
                                 num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"))
-    logger = MetricsLogger(str(run_dir), main, steps, state.step, flops_per_image, world.world_size, device,
+    logger = MetricsLogger(journal, main, steps, state.step, flops_per_image, world.world_size, device,
                            progress=cfg.train.progress)
     if owed_eval:
         with logger.paused():
@@ -360,11 +360,8 @@ def train(cfg: DictConfig, state: TrainState | None = None) -> dict:
             closed = window.close(global_batch)
             state.bad_samples += closed["bad"]
             state.skipped_in_a_row = closed["in_a_row"]
-            record = logger.log(state.step, loss=closed["loss"], lr=lr, grad_norm=grad_norm.item(),
-                                epoch=state.position.epoch, bad_samples=state.bad_samples,
-                                skipped_steps=closed["skipped"])
-            journal.write("metrics", state.step, **{k: record[k] for k in (
-                "loss", "lr", "grad_norm", "images_per_s", "mfu", "epoch", "bad_samples", "skipped_steps")})
+            logger.log(state.step, loss=closed["loss"], lr=lr, grad_norm=grad_norm.item(), epoch=state.position.epoch,
+                       bad_samples=state.bad_samples, skipped_steps=closed["skipped"])
             if (failure := health_failure(closed, state, cfg)) is not None:
                 # Every rank fails here at this step, so an async save of an earlier step still in
                 # flight can be committed: without it the fixed run would redo it.
