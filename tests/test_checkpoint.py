@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -289,6 +290,42 @@ def test_a_save_that_fails_for_another_reason_than_a_full_disk_is_not_a_user_err
         assert [p.name for p in valid_checkpoints(root, warn=False)] == ["step-1"]
     finally:
         subprocess.run(["umount", str(root)], check=False)
+
+
+@pytest.mark.parametrize("shard", range(4))
+def test_a_save_whose_shard_file_cannot_be_written_is_abandoned_whichever_thread_writes_it(tmp_path, monkeypatch,
+                                                                                            shard):
+    """DCP writes a checkpoint's 4 shard files from 4 threads, and its extra threads only print a
+    failure: a save whose own thread succeeded committed a .metadata without their shards. One shard
+    file is made unwritable (a directory stands where it goes): whichever thread meets it, the save
+    fails in one line, leaves no COMPLETE, and the previous checkpoint stays the valid one."""
+    import vit.engine.checkpoint
+    from vit.errors import CheckpointSaveError
+
+    root = tmp_path / "checkpoints"
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    real = vit.engine.checkpoint._write_atomic
+
+    def and_block_a_shard(path, text):
+        real(path, text)
+        if path.name == "train_state.json" and path.parent.name == "step-2":  # written just before DCP's shards
+            (path.parent / f"__0_{shard}.distcp").mkdir()
+
+    monkeypatch.setattr(vit.engine.checkpoint, "_write_atomic", and_block_a_shard)
+    ckpt = Checkpointer(root, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "assuming the intent is to save in a single process"
+        ckpt.save(1, model, optimizer, {"world_size": 1})
+        with pytest.raises(CheckpointSaveError) as failed:
+            ckpt.save(2, model, optimizer, {"world_size": 1})
+    assert str(failed.value).startswith(f"saving {root}/step-2 failed (") and "Is a directory" in str(failed.value)
+    assert str(failed.value).endswith(f"the previous checkpoint {root}/step-1 is kept")
+    assert [p.name for p in valid_checkpoints(root, warn=False)] == ["step-1"]
+    assert not (root / "step-2").exists() and (root / "latest").read_text().strip() == "step-1"
+    assert not [t for t in threading.enumerate() if t.name.endswith("(_write_files_from_queue)")]
 
 
 def test_retention_checks_each_checkpoint_once(tmp_path, monkeypatch):
