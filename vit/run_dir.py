@@ -31,6 +31,10 @@ def eval_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "eval"
 
 
+def evaluation_file(run_dir: str | os.PathLike, step: int) -> Path:
+    return eval_dir(run_dir) / f"step-{step}.json"
+
+
 def slurm_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "slurm"
 
@@ -87,10 +91,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_evaluation(run_dir: str | os.PathLike, step: int, metrics: dict) -> Path:
     """`<run_dir>/eval/step-N.json` and `eval/latest.json`: the full result, per-class values included."""
-    out = eval_dir(run_dir)
+    out, path = eval_dir(run_dir), evaluation_file(run_dir, step)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"step": step, **metrics}, indent=1)
-    (out / f"step-{step}.json").write_text(text)
+    path.write_text(text)
     (out / "latest.json.tmp").write_text(text)
     (out / "latest.json.tmp").replace(out / "latest.json")
-    return out / f"step-{step}.json"
+    return path

@@ -36,7 +36,7 @@ from vit.engine.optim import build_optimizer, clip_grad_norm_, learning_rate, se
 from vit.engine.parallel import precompute_float8_scales_after_each_step, resolve_precision, shard_model
 from vit.errors import CheckpointError, DataError
 from vit.journal import Journal
-from vit.run_dir import checkpoints_dir, eval_dir, write_evaluation
+from vit.run_dir import checkpoints_dir, evaluation_file, write_evaluation
 from vit.stop import StopRequest
 from vit.tasks import build_task
 from vit.tasks.classification import classification_loss
@@ -312,7 +312,7 @@ def train(cfg: DictConfig, state: TrainState | None = None) -> dict:
     # A stop skips the evaluation due at its step (it must not delay the save's exit): it is owed now.
     owed_eval = (val_source is not None and state.step > 0 and (state.step % cfg.train.eval_every == 0
                                                                  or state.step >= steps)
-                 and not broadcast_object((eval_dir(run_dir) / f"step-{state.step}.json").exists()))
+                 and not broadcast_object(evaluation_file(run_dir, state.step).exists()))
     if state.step >= steps:
         return already_complete(task, model, val_source, world, run_dir, state.step, steps, journal, owed_eval)
     flops_per_image = task.flops_per_image(len(source.classes))
