@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs from a
 from vit.data.imagefolder import ImageFolder  # noqa: E402
 from vit.data.shards import Shards  # noqa: E402
 from vit.data.synset_tars import SynsetTars  # noqa: E402
-from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform  # noqa: E402
+from vit.data.transforms import build_transform  # noqa: E402
 
 # ImageNet's common shapes: most images are 500 px on the long side.
 SIZES = [(500, 375), (375, 500), (500, 333), (500, 375), (500, 500), (333, 500), (500, 375), (500, 400)]
@@ -133,12 +133,21 @@ def timed_index(build) -> tuple[object, float]:
         return source, time.perf_counter() - start
 
 
-def torchvision_dataset(root: Path):
+def recipe_data() -> dict:
+    """The seed recipe's data config (conf/), whose augmentation both pipelines run."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(compose("pretrain").data, resolve=True)
+
+
+def torchvision_dataset(root: Path, data: dict):
     from torchvision import datasets
     from torchvision import transforms as T
     return datasets.ImageFolder(str(root), transform=T.Compose([
-        T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+        T.RandomResizedCrop(data["img_size"], data["scale"], data["ratio"]), T.RandomHorizontalFlip(data["hflip"]),
+        T.ColorJitter(*[data["color_jitter"]] * 3), T.ToTensor(), T.Normalize(data["mean"], data["std"])]))
 
 
 def main(argv=None) -> int:
@@ -157,7 +166,8 @@ def main(argv=None) -> int:
     for cache in [root / ".imagefolder-index.npz", layouts["synset_tars"].parent / ".synset-index-fall11_whole.tar.npz",
                   layouts["timm_jpg"] / ".shard-index.npz", layouts["timm_webp"] / ".shard-index.npz"]:
         cache.unlink(missing_ok=True)  # to time each index build; the sources then cache in a temporary dir
-    transform = build_transform({"img_size": 224}, train=True)
+    data = recipe_data()
+    transform = build_transform(data, train=True)
     sources, index_s = {}, {}
     for name, build in {
         "imagefolder": lambda cache: ImageFolder(str(root), transform, cache_dir=cache),
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
         "timm_webp": lambda cache: Shards(str(layouts["timm_webp"]), transform, cache_dir=cache),
     }.items():
         sources[name], index_s[name] = timed_index(build)
-    theirs = torchvision_dataset(root)
+    theirs = torchvision_dataset(root, data)
     assert all(len(s) == len(theirs) == len(paths) for s in sources.values()), \
         f"{root} holds other files: use a fresh --dir"
     sizes = [os.path.getsize(p) for p in paths]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
 
 
 def spawn(fn, world_size: int, *args) -> None:
@@ -156,15 +155,17 @@ def nonfinite_step_is_skipped(rank, out_dir):
 
 def coco_scoring_failure_fails_every_rank(rank, root, out_dir):
     """Only rank 0 scores (COCOeval); its failure must reach the others, or they hang in the next step."""
+    from helpers import data_config, recipe
+
     import vit.tasks
     import vit.tasks.coco
-    from vit.data.coco import CocoDetection as CocoSource
+    from vit.data.sources import build_source
     from vit.engine.distributed import close, init_distributed
 
     world = init_distributed("cpu")
-    source = CocoSource(root, "val", img_size=64, train=False)
-    task = vit.tasks.build_task(OmegaConf.create({"task": {"name": "coco"}, "train": {"micro_batch": 2},
-                                                 "data": {"num_workers": 0}}))
+    source = build_source(data_config("coco", root=root, img_size=64), "val")
+    task = vit.tasks.build_task(recipe("task=coco", "task.masks=false", "train.micro_batch=2", "data.num_workers=0",
+                                       config="finetune"))
 
     def nothing_found(images, image_sizes):
         return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}

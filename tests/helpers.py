@@ -19,6 +19,26 @@ TINY = [
 ]
 
 
+def recipe(*overrides: str, config: str = "pretrain"):
+    """The config `python jobs/<config>.py OVERRIDES` composes from conf/."""
+    from hydra import compose, initialize_config_dir
+
+    import hydra_plugins.vit_slurm_launcher.vit_slurm_launcher  # noqa: F401  the Slurm launcher's config
+    import vit.config  # noqa: F401  the resolvers
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(config, overrides=list(overrides))
+
+
+def data_config(name: str, **keys) -> dict:
+    """conf's `data=NAME` (as its task resolves it), with `keys` replaced: the recipe's every key."""
+    from omegaconf import OmegaConf
+
+    dense = name in ("coco", "ade20k")
+    cfg = recipe(f"task={name}" if dense else f"data={name}", config="finetune" if dense else "pretrain")
+    return {**OmegaConf.to_container(cfg.data, resolve=True), **keys}
+
+
 def run_job(run_dir: Path, *overrides: str, nproc: int = 1, env: dict | None = None, timeout: float = 300,
             check: bool = True, script: str = "jobs/pretrain.py", tiny: bool = True) -> subprocess.CompletedProcess:
     args = [f"run_dir={run_dir}", *(TINY if tiny else []), *overrides]

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 from datasets import CLASSES, backdate, jpeg_bytes, make_21k_p, make_imagefolder, make_synset_tars, make_timm_wds
-from helpers import run_job
+from helpers import data_config, run_job
 from PIL import Image
 
 from vit.data import imagefolder, synset_tars, transforms
@@ -29,7 +29,7 @@ from vit.data.imagefolder import ImageFolder
 from vit.data.loader import DataPosition, RankBatches, build_loader, epoch_order, sample_seed
 from vit.data.shards import Shards, convert
 from vit.data.sources import build_source, check_data
-from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, sample_crop
+from vit.data.transforms import build_transform, sample_crop
 from vit.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,16 @@ SIZE = 16  # output pixels: the tests are about data, not image quality
 
 
 def cfg(fmt: str, root, **extra) -> dict:
-    return {"format": fmt, "root": str(root), "img_size": SIZE, **extra}
+    """The recipe's data config on `root`, without the recipe's class count and hold-out unless given."""
+    return data_config("imagenet21k", **{"format": fmt, "root": root and str(root), "img_size": SIZE,
+                                         "num_classes": None, "val_per_class": None, **extra})
+
+
+def transform(train: bool, **keys):
+    return build_transform(data_config("imagenet21k", **keys), train=train)
+
+
+MEAN, STD = data_config("imagenet21k")["mean"], data_config("imagenet21k")["std"]
 
 
 def jpeg(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -47,16 +56,16 @@ def jpeg(width: int, height: int, seed: int = 0) -> Image.Image:
 # ---------------------------------------------------------------- transforms
 
 def test_train_transform_shape_dtype_normalisation_and_determinism():
-    plain = build_transform({"img_size": 32, "color_jitter": 0}, train=True)
-    mean_colour = tuple(round(255 * m) for m in IMAGENET_MEAN)
+    plain = transform(True, img_size=32, color_jitter=0)
+    mean_colour = tuple(round(255 * m) for m in MEAN)
     x = plain(Image.new("RGB", (50, 40), mean_colour), random.Random(0))
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous()
     assert x.abs().max() < 0.01  # the mean colour normalises to 0
     white = plain(Image.new("RGB", (50, 40), (255, 255, 255)), random.Random(0))
-    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    expected = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
     torch.testing.assert_close(white, expected.view(3, 1, 1).expand(3, 32, 32))
 
-    train = build_transform({"img_size": 32}, train=True)
+    train = transform(True, img_size=32)
     a, b = (train(jpeg(64, 48), random.Random(5)) for _ in range(2))
     assert torch.equal(a, b)  # all randomness comes from the rng
     assert not torch.equal(a, train(jpeg(64, 48), random.Random(6)))
@@ -92,23 +101,23 @@ def test_sample_crop_matches_torchvision():
 def test_transforms_match_torchvision_geometry():
     image = jpeg(70, 50, seed=3)
     image.load()
-    tv_normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    level = 1 / 255 / min(IMAGENET_STD)  # one grey level, normalised
+    tv_normalize = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    level = 1 / 255 / min(STD)  # one grey level, normalised
     # eval: Resize(36) + CenterCrop(32)
-    ours = build_transform({"img_size": 32, "eval_crop_pct": 0.875}, train=False)(image)  # 32 / 0.875 -> 36
+    ours = transform(False, img_size=32, eval_crop_pct=0.875)(image)  # 32 / 0.875 -> 36
     theirs = tv_normalize(T.CenterCrop(32)(T.Resize(36)(image)))
     assert ours.shape == (3, 32, 32) and ours.is_contiguous()
     assert (ours - theirs).abs().max() <= 2 * level
     # train with the whole image as the crop, no flip, no jitter: Resize((32, 32))
-    whole = build_transform({"img_size": 32, "scale": (1, 1), "ratio": (70 / 50, 70 / 50), "hflip": 0,
-                             "color_jitter": 0}, train=True)(image, random.Random(0))
+    whole = transform(True, img_size=32, scale=(1, 1), ratio=(70 / 50, 70 / 50), hflip=0,
+                             color_jitter=0)(image, random.Random(0))
     assert (whole - tv_normalize(T.Resize((32, 32))(image))).abs().max() <= 2 * level
 
 
 def test_draft_decoding_keeps_the_crop_boxes(monkeypatch):
     """Reduced-size DCT decoding changes how a crop is decoded, never which crop is taken."""
     data = jpeg_bytes(1280, 960, seed=4)
-    train = build_transform({"img_size": 64}, train=True)
+    train = transform(True, img_size=64)
     boxes, reductions = [], []
     real_sample, real_decode = transforms.sample_crop, transforms.decode
 
@@ -237,7 +246,7 @@ def test_converter_writes_shards_that_give_the_imagefolder_samples(tmp_path):
     with tarfile.open(out / "shard-000000.tar") as tar:
         assert tar.getnames()[0] in ("000000.jpg", "000000.png") and tar.getnames()[1] == "000000.cls"
 
-    train = build_transform({"img_size": SIZE}, train=True)
+    train = transform(True, img_size=SIZE)
     folder, shards = ImageFolder(str(root), train), Shards(str(out), train)
     assert shards.classes == folder.classes and len(shards) == len(folder)
     by_bytes = {(root / folder.relpath(i)).read_bytes(): i for i in range(len(folder))}
@@ -389,7 +398,7 @@ def test_val_root_is_labelled_with_the_train_classes(tmp_path):
 
 
 def test_synthetic_format():
-    config = {"format": "synthetic", "num_samples": 8, "num_classes": 4, "img_size": SIZE}
+    config = data_config("synthetic", num_samples=8, num_classes=4, img_size=SIZE)
     train, val = build_source(config, "train"), build_source(config, "val")
     assert len(train) == 8 and len(val) == 256 and val.classes == train.classes
     # the same classes look the same in both splits (else val accuracy would be chance), other samples
@@ -415,7 +424,8 @@ def test_check_data_errors_are_one_line_and_name_the_key(tmp_path):
     expect(cfg("imagefolder", root, val_root=str(tmp_path / "val")), "data.val_root: ", "data.root lacks")
     expect(cfg("shards", root), "data.root: ", "no .tar shards")
     expect({"format": "tfrecord"}, "data.format: ", "not one of")
-    expect({"format": "imagefolder", "img_size": SIZE}, "data.root ", "not set")
+    expect(cfg("imagefolder", None), "data.root ", "not set")
+    expect({k: v for k, v in cfg("imagefolder", root).items() if k != "hflip"}, "data.hflip ", "is missing")
     expect(cfg("imagefolder", root, val_fraction=1.5), "data.val_fraction: ", "outside")
     (root / "n09999999").mkdir()
     expect(cfg("imagefolder", root), "data.root: ", "n09999999 has no")
@@ -480,8 +490,8 @@ def test_each_distribution_is_read_in_place_with_a_val_split_never_trained_on(di
 
 @pytest.mark.parametrize("name", DISTRIBUTIONS)
 def test_a_few_steps_train_on_each_distribution(distributions, name, tmp_path):
-    config = distribution_cfg(distributions, name)
-    keys = [f"data.{k}={v}" for k, v in config.items() if k not in ("img_size", "format")]
+    root, paths = DISTRIBUTIONS[name][:2]
+    keys = [f"data.{k}={distributions / v}" for k, v in {"root": root, **paths}.items()] + ["data.val_per_class=2"]
     proc = run_job(tmp_path / "run", "data=imagenet21k", *keys, "data.num_classes=3", "data.num_workers=0",
                    f"data.num_samples={DISTRIBUTIONS[name][3]}", "train.global_batch=4", "train.micro_batch=4",
                    "train.steps=2", "train.eval_every=2", "optim.warmup_steps=1")
@@ -547,8 +557,8 @@ def test_imagenet21k_bad_input_is_one_line_naming_the_key_and_the_fix(distributi
            "the val split is empty")
     expect(lambda c: build_source(c, "val"), cfg("auto", small), "data.val_per_class: ", "e.g. data.val_per_class=50")
 
-    expect(check_data, {"format": "synthetic", "root": str(small), "num_samples": 8, "num_classes": 3,
-                        "img_size": SIZE}, "data.root: ", "set data.format=auto")
+    expect(check_data, data_config("synthetic", root=str(small), num_samples=8, num_classes=3, img_size=SIZE),
+           "data.root: ", "set data.format=auto")
 
     parent = distributions / "21k-p"
     fix = f"set data.root={parent / 'imagenet21k_train'} and data.val_root={parent / 'imagenet21k_val'}"

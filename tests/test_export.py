@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def trained(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("export")
     root = make_imagefolder(tmp / "train")
     run_job(tmp / "run", "data=imagenet21k", f"data.root={root}", "data.val_per_class=0", "data.num_workers=0",
-            "data.num_classes=3", "data.num_samples=12", "+data.interpolation=bicubic", "data.eval_crop_pct=0.9",
+            "data.num_classes=3", "data.num_samples=12", "data.interpolation=bicubic", "data.eval_crop_pct=0.9",
             "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "train.global_batch=4", "train.micro_batch=4",
             "train.steps=4", "train.eval_every=0", "optim.warmup_steps=1")
     return tmp / "run"
@@ -56,3 +57,23 @@ def test_the_exported_folder_loads_in_timm_with_the_trained_preprocessing_and_sy
         torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)
     assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
 
+
+
+def test_a_checkpoint_saved_before_a_key_was_in_conf_exports_and_checks_as_it_trained(trained, tmp_path):
+    """Runs saved before `data.interpolation` was in conf/ trained with bilinear resizing, the code's
+    value then: their saved config is read with it, not refused for the missing key."""
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    for state_file in old.glob("checkpoints/step-*/train_state.json"):
+        state = json.loads(state_file.read_text())
+        del state["config"]["data"]["interpolation"]
+        state_file.write_text(json.dumps(state))
+    check = subprocess.run([sys.executable, "jobs/checkpoint.py", "check", str(old)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and "step-4" in check.stdout, check.stdout + check.stderr[-3000:]
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "jobs/checkpoint.py", "export", str(old), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["interpolation"] == "bilinear" and cfg["crop_pct"] == 0.9 and cfg["mean"] == [0.5, 0.5, 0.5]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import make_ade20k, make_coco
-from helpers import ROOT, journaled, losses, run_job
+from helpers import ROOT, data_config, journaled, losses, recipe, run_job
 from omegaconf import OmegaConf
 
 from vit.config import validate_task
@@ -142,18 +142,18 @@ def test_coco_evaluation_skips_an_unreadable_image_once_and_clips_boxes_to_the_i
     next image) must not be scored a second time, as a duplicate set of detections. Boxes in the
     canvas's padding are clipped to the image."""
     import vit.tasks.coco
-    from vit.data.coco import CocoDetection as CocoSource
+    from vit.data.sources import build_source
     from vit.engine.distributed import World
 
     root = make_coco(tmp_path / "coco", n_train=2, n_val=6)
-    source = CocoSource(str(root), "val", img_size=128, train=False)
+    source = build_source(data_config("coco", root=str(root), img_size=128), "val")
     model = GroundTruthDetector(source)
     broken = root / "val2017" / source.files[source.image_ids[2]]
     broken.write_bytes(broken.read_bytes()[:200])
     scored = []
     monkeypatch.setattr(vit.tasks.coco, "coco_ap", lambda *a: scored.append(a) or coco_ap(*a))
-    task = build_task(OmegaConf.create({"task": {"name": "coco"}, "train": {"micro_batch": 4},
-                                        "data": {"num_workers": 0}}))
+    task = build_task(recipe("task=coco", "task.masks=false", "train.micro_batch=4", "data.num_workers=0",
+                             config="finetune"))
     metrics = task.evaluate(model, source, World(0, 1, 0, torch.device("cpu"), None))
 
     assert metrics["unreadable"] == 1 and metrics["AP"] == 100.0, metrics
@@ -188,14 +188,10 @@ def test_coco_val_categories_must_be_the_train_categories(tmp_path):
 
 
 def test_coco_without_pycocotools_is_rejected_before_anything_runs(coco, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    import vit.config  # noqa: F401  the resolvers
     from vit.config import validate
     from vit.errors import ConfigError
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("finetune", overrides=["task=coco", f"data.root={coco}"])
+    cfg = recipe("task=coco", f"data.root={coco}", config="finetune")
     validate(cfg, 1)
     monkeypatch.setitem(sys.modules, "pycocotools", None)  # how an interpreter without it looks to find_spec
     with pytest.raises(ConfigError, match=r"^task: task=coco scores with pycocotools, which is not installed"):
@@ -286,8 +282,7 @@ def test_a_fine_tune_whose_checkpoints_all_fail_to_load_stops_and_keeps_them(pre
 
 
 def test_pretrained_is_for_fine_tuning_only():
-    cfg = OmegaConf.create({"task": {"name": "classification"}, "model": {"name": "vit_tiny_patch16"},
-                            "data": {"img_size": 32}, "pretrained": str(ROOT)})
+    cfg = recipe("model=vit_tiny_patch16", "data.img_size=32", f"pretrained={ROOT}")
     with pytest.raises(ConfigError, match="pretrained: pretraining .* starts from scratch"):
         validate_task(cfg)
 
@@ -308,10 +303,9 @@ def test_schedules_and_layer_decay():
     poly = OmegaConf.create({"lr": 1e-4, "warmup_steps": 10, "schedule": "poly", "power": 1.0})
     assert learning_rate(9, poly, 110) == pytest.approx(1e-4)
     assert learning_rate(60, poly, 110) == pytest.approx(0.5e-4)
-    cfg = OmegaConf.create({"model": {"name": "vit_tiny_patch16", "drop_path_rate": 0.0, "grad_checkpointing": False},
-                            "data": {"img_size": 64}, "pretrained": None,
-                            "task": {"name": "ade20k", "patch_size": 16, "layer_decay": 0.5, "channels": 32,
-                                     "aux_channels": 16, "aux_weight": 0.4}})
+    cfg = recipe("task=ade20k", "model=vit_tiny_patch16", "model.drop_path_rate=0", "model.grad_checkpointing=false",
+                 "data.img_size=64", "task.layer_decay=0.5", "task.channels=32", "task.aux_channels=16",
+                 config="finetune")
     task = build_task(cfg)
     scales = task.lr_scale(task.build_model(150))
     assert scales["trunk.pos_embed"] == scales["trunk.patch_embed.proj.weight"] == 0.5 ** 13
@@ -341,7 +335,7 @@ def test_bad_finetune_input_fails_early_in_one_line(coco, tmp_path, overrides, m
 
 
 def test_finetune_plan_counts_the_trunk(tmp_path):
-    proc = subprocess.run([sys.executable, "jobs/finetune.py", "task=coco", "cluster=sg_h100", "plan=true",
+    proc = subprocess.run([sys.executable, "jobs/plan.py", "--config-name", "finetune", "task=coco", "cluster=sg_h100",
                            f"run_dir={tmp_path / 'plan'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

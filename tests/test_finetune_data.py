@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 import torch
 from datasets import COCO_CATEGORIES, COCO_CROWD_IMAGE_ID, make_ade20k, make_coco
+from helpers import data_config
 from PIL import Image
 
 from vit.data.ade20k import ADE20K, check_ade20k, keep_ratio_size, reduce_zero_label
 from vit.data.coco import CocoDetection, check_coco, segmentation_mask
 from vit.data.loader import DataPosition, SeededSamples, build_loader, collate_samples
-from vit.data.sources import build_source, check_data
-from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vit.data.sources import build_source, check_data, dense_options
 from vit.errors import DataError
 
 S = 64
 N_TRAIN, N_VAL = 12, 4
+COCO_CFG, ADE_CFG = data_config("coco", img_size=S, masks=False), data_config("ade20k", img_size=S)
+COCO, ADE = dense_options("coco", COCO_CFG), dense_options("ade20k", ADE_CFG)  # the recipe's source options
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def ade(tmp_path_factory) -> Path:
 
 def pixels(image: torch.Tensor) -> torch.Tensor:
     """Normalised [3, H, W] -> 0..255."""
-    return (image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) * 255
+    return (image * torch.tensor(COCO["std"]).view(3, 1, 1) + torch.tensor(COCO["mean"]).view(3, 1, 1)) * 255
 
 
 def json_boxes(root: Path, split: str) -> tuple[dict, dict]:
@@ -54,7 +56,7 @@ def json_boxes(root: Path, split: str) -> tuple[dict, dict]:
 # ---------------------------------------------------------------- COCO
 
 def test_coco_lsj_samples_boxes_match_the_drawn_shapes(coco):
-    ds = CocoDetection(str(coco), "train", S, train=True)
+    ds = CocoDetection(str(coco), "train", S, train=True, **COCO)
     assert ds.cat_ids == [1, 3, 7] and ds.classes == ["red", "green", "blue"]
     colour = {label: np.array(dict((i, c) for i, _, c in COCO_CATEGORIES)[cat_id])
               for label, cat_id in enumerate(ds.cat_ids, start=1)}
@@ -91,7 +93,7 @@ def test_coco_lsj_samples_boxes_match_the_drawn_shapes(coco):
 def test_coco_lsj_masks_follow_the_image(coco):
     """Training masks are cut, scaled and flipped with the image: each lies in its box and covers
     pixels of its category's colour."""
-    ds = CocoDetection(str(coco), "train", S, train=True, masks=True)
+    ds = CocoDetection(str(coco), "train", S, train=True, **{**COCO, "masks": True})
     colour = {label: np.array(dict((i, c) for i, _, c in COCO_CATEGORIES)[cat_id])
               for label, cat_id in enumerate(ds.cat_ids, start=1)}
     checked = 0
@@ -125,14 +127,14 @@ def test_coco_crowd_rle_decodes_to_the_drawn_region(coco):
 
 
 def test_coco_same_rng_same_sample(coco):
-    ds = CocoDetection(str(coco), "train", S, train=True)
+    ds = CocoDetection(str(coco), "train", S, train=True, **COCO)
     (a, ta), (b, tb), (c, _) = (ds.load(3, random.Random(seed)) for seed in (7, 7, 8))
     assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"]) and ta["scale"] == tb["scale"]
     assert not torch.equal(a, c)
 
 
 def test_coco_eval_scale_maps_boxes_back_to_the_json(coco):
-    ds = CocoDetection(str(coco), "val", S, train=False)
+    ds = CocoDetection(str(coco), "val", S, train=False, **COCO)
     boxes, sizes = json_boxes(coco, "val")
     assert len(ds) == N_VAL and ds.image_ids == sorted(boxes)  # the empty image too
     for i in range(len(ds)):
@@ -148,14 +150,14 @@ def test_coco_eval_scale_maps_boxes_back_to_the_json(coco):
 
 
 def test_coco_crowd_and_empty_images_are_never_training_targets(coco):
-    train = CocoDetection(str(coco), "train", S, train=True)
+    train = CocoDetection(str(coco), "train", S, train=True, **COCO)
     boxes, _ = json_boxes(coco, "train")
     empty = max(boxes)
     assert not boxes[empty] and len(train) == N_TRAIN - 1 and empty not in train.image_ids
-    assert empty in CocoDetection(str(coco), "train", S, train=False).image_ids
+    assert empty in CocoDetection(str(coco), "train", S, train=False, **COCO).image_ids
 
     # with r = 1 and no flip, LSJ is the eval resize: exactly the non-crowd boxes come back
-    fixed = CocoDetection(str(coco), "train", S, train=True, scale_range=(1, 1), hflip=False)
+    fixed = CocoDetection(str(coco), "train", S, train=True, **{**COCO, "scale_range": (1, 1)}, hflip=False)
     index = fixed.image_ids.index(COCO_CROWD_IMAGE_ID)
     _, target = fixed.load(index, random.Random(0))
     non_crowd = torch.tensor(boxes[COCO_CROWD_IMAGE_ID], dtype=torch.float32)[:, :4]
@@ -209,7 +211,7 @@ def test_reduce_zero_label():
 
 
 def test_ade20k_labels_are_reduced_exactly_once(ade):
-    train, val = ADE20K(str(ade), "train", S, train=True), ADE20K(str(ade), "val", S, train=False)
+    train, val = ADE20K(str(ade), "train", S, train=True, **ADE), ADE20K(str(ade), "val", S, train=False, **ADE)
     assert len(train.classes) == 150 and train.classes[:3] == ["wall", "building", "sky"]
     assert len(train) == 8 and len(val) == 3
     for i in range(len(val)):
@@ -230,7 +232,7 @@ def test_ade20k_label_above_the_classes_is_an_unreadable_sample(tmp_path):
     """A value past 150 (another release, or a colour-coded map) would be a class past the head: a
     device assert in the loss on GPU. It is rejected as the sample's error, which is skipped and counted."""
     root = make_ade20k(tmp_path / "ade", n_train=2, n_val=1)
-    source = ADE20K(str(root), "train", 64, train=True)
+    source = ADE20K(str(root), "train", 64, train=True, **ADE)
     png = root / "annotations" / "training" / f"{source.stems[0]}.png"
     label = np.array(Image.open(png))
     label[0, 0] = 200
@@ -241,7 +243,7 @@ def test_ade20k_label_above_the_classes_is_an_unreadable_sample(tmp_path):
 
 
 def test_ade20k_eval_image_size_follows_the_keep_ratio_rule(ade):
-    val = ADE20K(str(ade), "val", S, train=False)
+    val = ADE20K(str(ade), "val", S, train=False, **ADE)
     for i in range(len(val)):
         image, label = val.load(i, random.Random(0))
         height, width = label.shape
@@ -251,7 +253,7 @@ def test_ade20k_eval_image_size_follows_the_keep_ratio_rule(ade):
 
 
 def test_ade20k_train_crop_is_padded_with_zero_and_ignore(ade):
-    ds = ADE20K(str(ade), "train", S, train=True, scale=(128, 32), ratio_range=(1, 1))
+    ds = ADE20K(str(ade), "train", S, train=True, **{**ADE, "scale": (128, 32), "ratio_range": (1, 1)})
     for i in range(len(ds)):
         png = Image.open(ade / "annotations" / "training" / f"ADE_train_{i + 1:08d}.png")
         new_w, new_h = keep_ratio_size(*png.size, (128, 32))
@@ -269,8 +271,8 @@ def test_ade20k_cat_max_ratio_redraws_dominated_crops(tmp_path):
     root = write_ade(tmp_path / "ADEChallengeData2016", [halves])
 
     def worst_share(cat_max_ratio: float) -> np.ndarray:
-        ds = ADE20K(str(root), "train", 64, train=True, scale=(128, 64), ratio_range=(1, 1),
-                    cat_max_ratio=cat_max_ratio)
+        ds = ADE20K(str(root), "train", 64, train=True,
+                    **{**ADE, "scale": (128, 64), "ratio_range": (1, 1), "cat_max_ratio": cat_max_ratio})
         shares = []
         for seed in range(40):
             _, label = ds.load(0, random.Random(seed))
@@ -297,7 +299,7 @@ def test_ade20k_layout_errors(ade, tmp_path):
     (root / "images" / "validation" / "x.jpg").write_bytes((root / "images" / "training" / "0.jpg").read_bytes())
     (root / "images" / "validation" / "y.jpg").write_bytes((root / "images" / "training" / "0.jpg").read_bytes())
     with pytest.raises(DataError, match="data.root: 1 files in .*validation have no counterpart .* \\(e.g. y\\)"):
-        ADE20K(str(root), "val", 8, train=False)
+        ADE20K(str(root), "val", 8, train=False, **ADE)
     shutil.rmtree(root / "annotations" / "training")
     expect(root, "no annotations/training/ directory")
 
@@ -305,14 +307,14 @@ def test_ade20k_layout_errors(ade, tmp_path):
 # ---------------------------------------------------------------- config dispatch and batching
 
 def test_build_source_and_check_data_dispatch(coco, ade):
-    config = {"format": "coco", "root": str(coco), "img_size": S, "scale_range": [0.5, 1.5]}
+    config = {**COCO_CFG, "root": str(coco), "scale_range": [0.5, 1.5]}
     check_data(config)
     train, val = build_source(config, "train"), build_source(config, "val")
     assert isinstance(train, CocoDetection) and train.train and not val.train
     assert train.ann_file.name == "instances_train2017.json" and val.ann_file.name == "instances_val2017.json"
     assert train.scale_range == (0.5, 1.5) and train.size == S
 
-    config = {"format": "ade20k", "root": str(ade), "img_size": S, "ratio_range": [1, 1], "cat_max_ratio": 1}
+    config = {**ADE_CFG, "root": str(ade), "ratio_range": [1, 1], "cat_max_ratio": 1}
     check_data(config)
     train, val = build_source(config, "train"), build_source(config, "val")
     assert isinstance(train, ADE20K) and train.train and not val.train
@@ -325,26 +327,27 @@ def test_build_source_and_check_data_dispatch(coco, ade):
         message = str(error.value)
         assert message.startswith(key) and fix in message and "\n" not in message, message
 
-    expect({"format": "coco", "root": str(coco)}, "data.img_size ", "not set")
-    expect({"format": "ade20k", "img_size": S}, "data.root ", "not set")
-    expect({"format": "coco", "root": str(ade), "img_size": S}, "data.root: ", "point data.root at the COCO root")
-    expect({"format": "ade20k", "root": str(coco), "img_size": S}, "data.root: ", "no images/training/")
-    expect({"format": "coco", "root": str(coco), "img_size": S, "scale_range": [2, 1]}, "data.scale_range: ", "low")
-    expect({"format": "ade20k", "root": str(ade), "img_size": S, "ratio_range": 2}, "data.ratio_range: ", "[low")
-    expect({"format": "ade20k", "root": str(ade), "img_size": S, "cat_max_ratio": 0}, "data.cat_max_ratio: ", "(0, 1]")
+    expect({**COCO_CFG, "root": str(coco), "img_size": None}, "data.img_size ", "not set")
+    expect({**ADE_CFG, "root": None}, "data.root ", "not set")
+    expect({**COCO_CFG, "root": str(ade)}, "data.root: ", "point data.root at the COCO root")
+    expect({**ADE_CFG, "root": str(coco)}, "data.root: ", "no images/training/")
+    expect({**COCO_CFG, "root": str(coco), "scale_range": [2, 1]}, "data.scale_range: ", "low")
+    expect({**ADE_CFG, "root": str(ade), "ratio_range": 2}, "data.ratio_range: ", "[low")
+    expect({**ADE_CFG, "root": str(ade), "cat_max_ratio": 0}, "data.cat_max_ratio: ", "(0, 1]")
+    expect({k: v for k, v in ADE_CFG.items() if k != "resize"}, "data.resize ", "is missing")
 
 
 def test_batches_stack_equal_shapes_and_list_the_rest(coco, ade):
-    loader = build_loader(CocoDetection(str(coco), "train", S, train=True), global_batch=4, micro_batch=2,
+    loader = build_loader(CocoDetection(str(coco), "train", S, train=True, **COCO), global_batch=4, micro_batch=2,
                           rank=0, world_size=1, seed=0, start=DataPosition())
     images, targets, bad, first_bad = next(iter(loader))
     assert images.shape == (2, 3, S, S) and len(targets) == 2 and set(targets[0]) >= {"boxes", "labels"}
     assert bad == 0 and first_bad == ""
 
-    val = SeededSamples(ADE20K(str(ade), "val", S, train=False), seed=0)
+    val = SeededSamples(ADE20K(str(ade), "val", S, train=False, **ADE), seed=0)
     images, labels, _, _ = collate_samples([val[(0, 0)], val[(0, 1)]])
     assert isinstance(images, list) and isinstance(labels, list) and labels[0].shape != labels[1].shape
-    train = SeededSamples(ADE20K(str(ade), "train", S, train=True), seed=0)
+    train = SeededSamples(ADE20K(str(ade), "train", S, train=True, **ADE), seed=0)
     images, labels, _, _ = collate_samples([train[(0, 0)], train[(0, 1)]])
     assert images.shape == (2, 3, S, S) and labels.shape == (2, S, S) and labels.dtype == torch.int64
     _, labels, _, _ = collate_samples([(torch.zeros(3), np.int64(2), 0, ""), (torch.zeros(3), 5, 1, "x")])

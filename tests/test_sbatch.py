@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from datasets import make_ade20k, make_coco
-from helpers import ROOT, run_job
+from helpers import ROOT, recipe, run_job
 from slurm_cluster import dump_logs, requeue_causes, sbatch, wait_for_step, wait_job
 from test_finetune import TINY_ADE, TINY_COCO
 
@@ -33,13 +33,7 @@ def test_node_agent_starts_without_importing_torch():
 def test_sbatch_script_allocates_what_the_cluster_config_says(task):
     """The plain scripts' #SBATCH lines and `cluster=sg_h100` describe the same allocation: one copy
     may not be edited without the other."""
-    from hydra import compose, initialize_config_dir
-
-    import hydra_plugins.vit_slurm_launcher.vit_slurm_launcher  # noqa: F401  the launcher's config
-    import vit.config  # noqa: F401  the resolvers
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cluster = compose("finetune", overrides=[f"task={task}", "cluster=sg_h100"]).cluster
+    cluster = recipe(f"task={task}", "cluster=sg_h100", config="finetune").cluster
     text = (ROOT / "sbatch" / f"finetune_{task}.sh").read_text()
     options = dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", text, re.M))
     hours, minutes, seconds = (int(x) for x in options["time"].split(":"))

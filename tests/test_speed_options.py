@@ -6,19 +6,17 @@ that load either way).
 Workers run in a spawned group of one (`dist_workers.spawn`), as the loop does.
 """
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from dist_workers import spawn
-from hydra import compose, initialize_config_dir
+from helpers import recipe
 from torch.distributed.tensor import DTensor
 
 from vit.config import validate_speed_options
 from vit.errors import ConfigError
 from vit.models.vit import Variant, VisionTransformer
 
-ROOT_CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # Narrow and shallow: compile time on CPU grows with the graph, not the batch.
 TINY = Variant(8, 32, 2, 2, 64)
 
@@ -242,15 +240,13 @@ def test_a_checkpoint_saved_with_float8_resumes_without_it_and_the_reverse(tmp_p
     ("train.float8=e4m3", "train.float8"),
 ])
 def test_bad_speed_options_name_their_key(override, key):
-    with initialize_config_dir(ROOT_CONF, version_base="1.3"):
-        cfg = compose("pretrain", overrides=[override])
+    cfg = recipe(override)
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         validate_speed_options(cfg)
 
 
 def test_float8_without_torchao_is_refused_before_anything_runs(monkeypatch):
-    with initialize_config_dir(ROOT_CONF, version_base="1.3"):
-        cfg = compose("pretrain", overrides=["train.float8=true", "model.grad_checkpointing=selective"])
+    cfg = recipe("train.float8=true", "model.grad_checkpointing=selective")
     validate_speed_options(cfg)
     monkeypatch.setitem(sys.modules, "torchao", None)  # how an interpreter without it looks to find_spec
     with pytest.raises(ConfigError, match=r"^train.float8: needs torchao, which is not installed; pip install"):

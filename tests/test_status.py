@@ -12,7 +12,7 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT, run_job
+from helpers import ROOT, recipe, run_job
 
 import vit.journal
 from vit.cluster.status import CATEGORIES, RESTART_STYLES, plot, summarize
@@ -307,15 +307,6 @@ def test_status_cli_json_plot_and_tensorboard(real_run, tmp_path):
 
 # --- the planner -------------------------------------------------------------------------------------
 
-def compose(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import hydra_plugins.vit_slurm_launcher.vit_slurm_launcher  # noqa: F401  the Slurm launcher's config
-    import vit.config  # noqa: F401  the resolvers
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("pretrain", overrides=list(overrides))
 
 
 def vit_h14_by_hand():
@@ -332,7 +323,7 @@ def vit_h14_by_hand():
 def test_plan_of_the_seed_recipe_on_sg_h100():
     from vit.cluster.plan import plan
 
-    p = plan(compose("cluster=sg_h100", "planner.mfu=0.5", "planner.peak_tflops=1000", "planner.fs_gbps=1",
+    p = plan(recipe("cluster=sg_h100", "planner.mfu=0.5", "planner.peak_tflops=1000", "planner.fs_gbps=1",
                      "planner.mtbi_hours=1"))
     params, tensors, flops = vit_h14_by_hand()
     assert params == 658_743_121 and flops == 1_003_930_713_600  # ~632M without the 21K head
@@ -353,20 +344,26 @@ def test_plan_of_the_seed_recipe_on_sg_h100():
 
 
 def test_plan_defaults_time_limits_and_local():
-    from vit.cluster.plan import DEFAULTS, plan, settings
+    from vit.cluster.plan import plan, settings
 
-    assert DEFAULTS == {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
-    assert settings(compose("plan=true")) == DEFAULTS  # the flag leaves the planner defaults alone
-    p = plan(compose("cluster=sg_h100", "cluster.time_min=600"))  # 10-hour limit, default MFU 40%
+    assert settings(recipe()) == {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
+    p = plan(recipe("cluster=sg_h100", "cluster.time_min=600"))  # 10-hour limit, default MFU 40%
     train_s = 621_900 * 2048 * 1_003_930_713_600 / (32 * 989e12 * 0.40)
     assert p["allocations"] == math.ceil(train_s / 36_000) == 3 and p["requeues"] == 2
-    local = plan(compose())
+    local = plan(recipe())
     assert (local["gpus"], local["time_limit_min"], local["requeues"]) == (1, None, 0)
 
 
 def test_plan_cli_prints_and_creates_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "jobs/plan.py", "cluster=sg_h100", f"run_dir={tmp_path / 'never'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, ROOT / "jobs" / "plan.py", "cluster=sg_h100", f"run_dir={tmp_path / 'never'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "621,900" in proc.stdout and "Young/Daly" in proc.stdout and "7.90 GB" in proc.stdout
-    assert not (tmp_path / "never").exists()
+    # A sweep is planned point by point, here: the Slurm launcher that cluster=sg_h100 selects never runs.
+    sweep = subprocess.run([sys.executable, ROOT / "jobs" / "plan.py", "-m", "cluster=sg_h100",
+                            "train.global_batch=1024,2048", f"run_dir={tmp_path / 'never'}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert sweep.returncode == 0, sweep.stderr
+    assert "1,243,890 x global batch 1,024" in sweep.stdout and "621,900 x global batch 2,048" in sweep.stdout
+    assert sweep.stdout.count("# cluster=sg_h100 train.global_batch=") == 2, sweep.stdout
+    assert list(tmp_path.iterdir()) == []  # no run dir, no Hydra output dir, no submitit folder

@@ -143,12 +143,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {betas}", "set e.g. [0.9,0.999]")
     for key, value in (("train.label_smoothing", cfg.train.label_smoothing),
                        ("model.drop_path_rate", cfg.model.drop_path_rate),
-                       ("model.dropout_rate", cfg.model.get("dropout_rate", 0.0))):
+                       ("model.dropout_rate", cfg.model.dropout_rate)):
         if not 0 <= value < 1:
             raise ConfigError(key, f"must be in [0, 1), got {value}", f"set e.g. {key}=0.1")
     for key in ("mixup", "cutmix"):
-        if not (cfg.train.get(key) or 0) >= 0:
-            raise ConfigError(f"train.{key}", f"must be >= 0 (a Beta alpha; 0: off), got {cfg.train.get(key)}",
+        if not cfg.train[key] >= 0:
+            raise ConfigError(f"train.{key}", f"must be >= 0 (a Beta alpha; 0: off), got {cfg.train[key]}",
                               f"set e.g. train.{key}=0.8")
     if cfg.train.steps is not None and (type(cfg.train.steps) is not int or cfg.train.steps < 1):
         raise ConfigError("train.steps", f"must be a positive integer or null, got {cfg.train.steps!r}",
@@ -215,7 +215,7 @@ def validate_speed_options(cfg: DictConfig) -> None:
 
 
 def validate_schedule(optim) -> None:
-    schedule = optim.get("schedule", "cosine")
+    schedule = optim.schedule
     if schedule not in ("cosine", "step", "poly"):
         raise ConfigError("optim.schedule", f"unknown schedule {schedule!r}", "use cosine, step or poly")
     if schedule == "step" and not all(0 < m < 1 for m in optim.get("milestones") or [None]):
@@ -231,8 +231,8 @@ def validate_task(cfg: DictConfig) -> None:
     """The task's name, its input size against the patch size, block indices, pretrained weights."""
     from vit.tasks import TASKS
 
-    task = cfg.get("task") or {}
-    name = task.get("name", "classification")
+    task = cfg.task
+    name = task.name
     if name not in TASKS:
         raise ConfigError("task.name", f"unknown task {name!r}", f"choose one of {', '.join(TASKS)} (e.g. task=coco)")
     variant = VARIANTS[cfg.model.name]
@@ -251,7 +251,7 @@ def validate_task(cfg: DictConfig) -> None:
         if bad:
             raise ConfigError(f"task.{blocks_key}", f"{bad} are outside the {variant.depth} blocks of "
                               f"{cfg.model.name}", f"use indices 0..{variant.depth - 1}, or null for the default")
-    pretrained = cfg.get("pretrained")
+    pretrained = cfg.pretrained
     if pretrained and name == "classification":
         raise ConfigError("pretrained", "pretraining (task=classification) starts from scratch",
                           "fine-tune with task=coco or task=ade20k, or set pretrained=null")

@@ -98,3 +98,24 @@ def write_evaluation(run_dir: str | os.PathLike, step: int, metrics: dict) -> Pa
     (out / "latest.json.tmp").write_text(text)
     (out / "latest.json.tmp").replace(out / "latest.json")
     return path
+
+
+# Keys conf/ gained after runs were saved without them, with the value the code then used (the
+# recipe's own values live in conf/ only). A checkpoint's saved config is read with them filled in,
+# so an older run is checked, resumed and exported as it trained. By task; None: every task.
+ADDED_SINCE_SAVED = {
+    None: {"data.interpolation": "bilinear"},
+    "ade20k": {"task.window_size": 0, "task.use_rel_pos": False},  # global attention in every block
+}
+
+
+def complete_saved_config(config: dict) -> dict:
+    """`config` (a checkpoint's) with the keys of ADDED_SINCE_SAVED it lacks."""
+    task = (config.get("task") or {}).get("name")
+    for key, value in {**ADDED_SINCE_SAVED[None], **ADDED_SINCE_SAVED.get(task, {})}.items():
+        *parents, leaf = key.split(".")
+        tree = config
+        for part in parents:
+            tree = tree.setdefault(part, {})
+        tree.setdefault(leaf, value)
+    return config

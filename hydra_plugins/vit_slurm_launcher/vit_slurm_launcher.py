@@ -95,11 +95,6 @@ class VitSlurmLauncher(SlurmLauncher):
                 values.setdefault(key, set()).add(value)
         swept = {k for k, v in values.items() if len(v) > 1}
         points = [self._sweep_point(list(o), swept) for o in job_overrides]
-        if any(cfg.get("plan") for _, cfg in points):  # plan=true: print what it would cost, submit nothing
-            from vit.cluster.plan import format_plan, plan
-            for overrides, cfg in points:
-                print(f"# {' '.join(filter_overrides(overrides)) or cfg.name}\n{format_plan(plan(cfg))}")
-            return [JobReturn(overrides=o, cfg=c, status=JobStatus.COMPLETED, _return_value=None) for o, c in points]
         run_dirs = [str(Path(cfg.run_dir).resolve()) for _, cfg in points]
         for _, cfg in points:
             try:

@@ -1,6 +1,6 @@
-"""The Hydra task function of jobs/pretrain.py and jobs/finetune.py: print the plan, train in this
-process (vit/cluster/worker.py), or, in a task of a job the Slurm launcher submitted, run this node's
-agent (vit/cluster/agent.py), which starts torchrun over the workers.
+"""The Hydra task function of jobs/pretrain.py and jobs/finetune.py: train in this process
+(vit/cluster/worker.py), or, in a task of a job the Slurm launcher submitted, run this node's agent
+(vit/cluster/agent.py), which starts torchrun over the workers. (A plan is jobs/plan.py's.)
 """
 from __future__ import annotations
 
@@ -32,12 +32,8 @@ def run_slurm_node(cfg: DictConfig) -> None:
 
 
 def main(cfg: DictConfig) -> dict | None:
-    """The Hydra task function of `jobs/*.py` run here: the plan, or the training itself. (A task of a
-    job the Slurm launcher submitted runs `run_slurm_node` instead.)"""
-    if cfg.get("plan"):
-        from vit.cluster.plan import format_plan, plan
-        print(format_plan(plan(cfg)))
-        return None
+    """The Hydra task function of `jobs/*.py` run here: the training itself. (A task of a job the Slurm
+    launcher submitted runs `run_slurm_node` instead.)"""
     if cfg.cluster.launcher == "slurm" and "RANK" not in os.environ:  # not as a rank of torchrun
         fail(ConfigError("cluster", f"{cfg.cluster.nodes}-node Slurm cluster config without -m would train here, "
                          "on this machine", "submit it with -m (python jobs/<script>.py -m cluster=...)"))

@@ -23,15 +23,13 @@ from vit.config import total_steps
 from vit.data.sources import expected_train_samples
 from vit.tasks import build_task
 
-DEFAULTS = {"mfu": 0.40, "peak_tflops": 989.0, "fs_gbps": 5.0, "mtbi_hours": 24.0}
+ASSUMPTIONS = ("mfu", "peak_tflops", "fs_gbps", "mtbi_hours")  # the `planner:` block of conf/pretrain.yaml
 ADAMW_BYTES_PER_PARAM = 12  # fp32 master weight + exp_avg + exp_avg_sq
 STEP_BYTES = 4              # AdamW keeps one fp32 `step` scalar per parameter tensor
 
 
 def settings(cfg: DictConfig) -> dict:
-    """The `planner:` block over the defaults."""
-    node = cfg.get("planner") or {}
-    return {k: float(node.get(k)) if node.get(k) is not None else v for k, v in DEFAULTS.items()}
+    return {k: float(cfg.planner[k]) for k in ASSUMPTIONS}
 
 
 def count_params(task, num_classes: int) -> tuple[int, int]:
@@ -60,7 +58,8 @@ def plan(cfg: DictConfig) -> dict:
     step_s = batch / images_per_s
 
     # A local run has no time limit; on Slurm every limit reached costs one requeue.
-    time_min = cfg.cluster.get("time_min") if cfg.cluster.get("launcher") == "slurm" else None
+    slurm = cfg.cluster.launcher == "slurm"
+    time_min = cfg.cluster.time_min if slurm else None
     allocations = math.ceil(train_s / (time_min * 60)) if time_min else 1
 
     params, tensors = count_params(task, classes)
@@ -68,15 +67,15 @@ def plan(cfg: DictConfig) -> dict:
     save_s = ckpt_bytes / (s["fs_gbps"] * 1e9)
     mtbi_s = s["mtbi_hours"] * 3600
     interval_s = math.sqrt(2 * save_s * mtbi_s)
-    every = cfg.get("checkpoint", {}).get("every_steps")
+    every = cfg.checkpoint.every_steps
     return {
         "model": name, "params": params, "gpus": gpus, "global_batch": batch,
         "total_steps": steps, "images": steps * batch, "flops_per_image": flops_per_image, "total_flops": total_flops,
         "head_flops_per_image": head_flops, "head_share": head_flops / flops_per_image,
-        **{k: s[k] for k in ("mfu", "peak_tflops", "fs_gbps", "mtbi_hours")},
+        **s,
         "images_per_s": images_per_s, "step_s": step_s, "train_s": train_s, "gpu_hours": train_s * gpus / 3600,
         "time_limit_min": time_min, "allocations": allocations, "requeues": allocations - 1,
-        "max_requeues": cfg.cluster.get("max_requeues"),
+        "max_requeues": cfg.cluster.max_requeues if slurm else None,
         "expected_interruptions": train_s / mtbi_s,
         "checkpoint_bytes": ckpt_bytes, "save_s": save_s,
         "checkpoint_interval_s": interval_s, "checkpoint_interval_steps": max(1, round(interval_s / step_s)),

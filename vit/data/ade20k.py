@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _Normalize, decode, open_image
+from vit.data.transforms import _Normalize, decode, open_image
 from vit.errors import DataError
 
 SPLITS = {"train": "training", "val": "validation"}
@@ -81,9 +82,9 @@ class ADE20K:
     """Map-style source: train (image [3, S, S], label int64 [S, S]); eval (image [3, h', w'],
     label int64 [H, W] at the original resolution). Labels are 0..149 and 255 (ignore)."""
 
-    def __init__(self, root: str, split: str, img_size: int = 512, train: bool = True, scale=(2048, 512),
-                 ratio_range=(0.5, 2.0), cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, root: str, split: str, img_size: int, train: bool, *, scale: Sequence[int],
+                 ratio_range: Sequence[float], cat_max_ratio: float, mean: Sequence[float], std: Sequence[float],
+                 ignore_index: int = IGNORE_INDEX):
         if split not in SPLITS:
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         check_ade20k(root)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _Normalize, decode, open_image
+from vit.data.transforms import _Normalize, decode, open_image
 from vit.errors import DataError
 
 SPLITS = {"train": "train2017", "val": "val2017"}
@@ -120,8 +120,8 @@ class CocoDetection:
     does: an empty image teaches nothing but background); eval keeps every image.
     """
 
-    def __init__(self, root: str, split: str, img_size: int, train: bool, scale_range=(0.1, 2.0),
-                 hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, masks: bool = False):
+    def __init__(self, root: str, split: str, img_size: int, train: bool, *, scale_range: Sequence[float],
+                 mean: Sequence[float], std: Sequence[float], masks: bool, hflip: bool = True):
         self.root, self.image_dir, self.ann_file = root, Path(root) / _split_dir(split), _check_layout(root, split)
         self.size, self.train, self.scale_range, self.hflip = img_size, train, tuple(scale_range), hflip
         self.masks = masks and train  # evaluation scores masks against the JSON itself

@@ -1,13 +1,12 @@
 """The image source named by the `data` config, and a cheap check of that config before submitting.
 
     format: auto | imagefolder | shards | synset_tars | synthetic | coco | ade20k   (required)
-    synthetic:  num_samples, num_classes, img_size, seed (0), val_samples (256); data.root must be unset
-    coco:       root (with train2017/, val2017/, annotations/), img_size (canvas side),
-                scale_range (large-scale jitter, [0.1, 2.0]), masks (instance masks as training
-                targets), mean, std; see vit/data/coco.py
-    ade20k:     root (the ADEChallengeData2016 directory), img_size (crop side),
-                resize ([512, 2048]: short and long side at ratio 1), ratio_range ([0.5, 2.0]),
-                cat_max_ratio (0.75), mean, std; see vit/data/ade20k.py
+    synthetic:  num_samples, num_classes, img_size, seed, val_samples; data.root must be unset
+    coco:       root (with train2017/, val2017/, annotations/), img_size (canvas side), scale_range
+                (large-scale jitter), masks (instance masks as training targets), mean, std;
+                see vit/data/coco.py
+    ade20k:     root (the ADEChallengeData2016 directory), img_size (crop side), resize (short and
+                long side at ratio 1), ratio_range, cat_max_ratio, mean, std; see vit/data/ade20k.py
     real data:  root           the train data, read in place (auto: whichever of these it holds, said
                                in the first log line; see vit/data/layout.py):
                                  imagefolder  root/<synset>/<image> (ImageNet-21K-P's imagenet21k_train)
@@ -46,7 +45,7 @@ from vit.data.loader import Source
 from vit.data.shards import Shards, list_shards, read_classes
 from vit.data.synset_tars import SynsetTars, gzip_error, is_gzipped, list_synset_tars
 from vit.data.synthetic import SyntheticImages
-from vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from vit.data.transforms import build_transform, setting
 from vit.errors import DataError
 
 __all__ = ["Subset", "build_source", "check_data", "holdout_mask"]
@@ -106,10 +105,10 @@ def build_source(data_cfg: Mapping, split: str, cache_dir: str | None = None) ->
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     fmt = _format(data_cfg)
     if fmt == "synthetic":
-        num_classes, img_size, seed = data_cfg["num_classes"], data_cfg["img_size"], data_cfg.get("seed", 0)
+        num_classes, img_size, seed = data_cfg["num_classes"], data_cfg["img_size"], setting(data_cfg, "seed")
         if split == "train":
             return SyntheticImages(data_cfg["num_samples"], num_classes, img_size, seed)
-        return SyntheticImages(data_cfg.get("val_samples", 256), num_classes, img_size, seed,
+        return SyntheticImages(setting(data_cfg, "val_samples"), num_classes, img_size, seed,
                                first_index=data_cfg["num_samples"])
     if fmt in ("coco", "ade20k"):
         return _dense_source(fmt, data_cfg, split)
@@ -188,13 +187,10 @@ def check_data(data_cfg: Mapping) -> str:
         return f"data: synthetic images, {data_cfg['num_classes']} classes"
     _require(data_cfg, "img_size")
     if fmt in ("coco", "ade20k"):
-        _dense_options(fmt, data_cfg)
+        dense_options(fmt, data_cfg)
         (check_coco if fmt == "coco" else check_ade20k)(_require(data_cfg, "root"))
         return f"data: {fmt} at {data_cfg['root']}"
-    try:
-        build_transform(data_cfg, train=True)
-    except ValueError as e:  # its messages name the key
-        raise DataError(str(e)) from None
+    build_transform(data_cfg, train=True)
     root = _require(data_cfg, "root")
     fmt, found = _resolve(fmt, "data.root", root)
     classes = _check_tree(fmt, "data.root", root)
@@ -217,25 +213,26 @@ def _dense_source(fmt: str, data_cfg: Mapping, split: str):
     augmentation on the train split only."""
     root, img_size = _require(data_cfg, "root"), int(_require(data_cfg, "img_size"))
     cls = CocoDetection if fmt == "coco" else ADE20K
-    return cls(root, split, img_size, train=split == "train", **_dense_options(fmt, data_cfg))
+    return cls(root, split, img_size, train=split == "train", **dense_options(fmt, data_cfg))
 
 
-def _dense_options(fmt: str, data_cfg: Mapping) -> dict:
-    options = {"mean": tuple(data_cfg.get("mean", IMAGENET_MEAN)), "std": tuple(data_cfg.get("std", IMAGENET_STD))}
+def dense_options(fmt: str, data_cfg: Mapping) -> dict:
+    """The COCO or ADE20K source's keyword arguments, from the data config."""
+    options = {"mean": tuple(setting(data_cfg, "mean")), "std": tuple(setting(data_cfg, "std"))}
     if fmt == "coco":
-        options["scale_range"] = _range(data_cfg, "scale_range", (0.1, 2.0))
-        options["masks"] = bool(data_cfg.get("masks", False))
+        options["scale_range"] = _range(data_cfg, "scale_range")
+        options["masks"] = bool(setting(data_cfg, "masks"))
         return options
-    options["ratio_range"] = _range(data_cfg, "ratio_range", (0.5, 2.0))
-    options["scale"] = tuple(int(v) for v in _range(data_cfg, "resize", (512, 2048)))  # order-free, as mmcv's
-    options["cat_max_ratio"] = float(data_cfg.get("cat_max_ratio", 0.75))
+    options["ratio_range"] = _range(data_cfg, "ratio_range")
+    options["scale"] = tuple(int(v) for v in _range(data_cfg, "resize"))  # order-free, as mmcv's
+    options["cat_max_ratio"] = float(setting(data_cfg, "cat_max_ratio"))
     if not 0 < options["cat_max_ratio"] <= 1:
         raise DataError(f"data.cat_max_ratio: {options['cat_max_ratio']} is outside (0, 1]; 1 disables it")
     return options
 
 
-def _range(data_cfg: Mapping, key: str, default: tuple[float, float]) -> tuple[float, float]:
-    value = data_cfg.get(key, default)
+def _range(data_cfg: Mapping, key: str) -> tuple[float, float]:
+    value = setting(data_cfg, key)
     try:
         lo, hi = map(float, value)
     except (TypeError, ValueError):

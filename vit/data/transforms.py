@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vit.errors import DataError
+
 _GRAY = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights
 _DRAFT_FACTORS = (8, 4, 2)
 
@@ -117,9 +117,8 @@ class _Normalize:
 class TrainTransform:
     """RandomResizedCrop + horizontal flip + ColorJitter(brightness, contrast, saturation) + normalise."""
 
-    def __init__(self, img_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 jitter: Sequence[float] = (0.4, 0.4, 0.4), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 interpolation: str = "bilinear"):
+    def __init__(self, img_size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
+                 jitter: Sequence[float], mean: Sequence[float], std: Sequence[float], interpolation: str):
         self.size, self.scale, self.ratio, self.hflip = img_size, tuple(scale), tuple(ratio), hflip
         self.jitter = [(op, max(0.0, 1 - j), 1 + j) for op, j in enumerate(jitter) if j > 0]
         self.normalize, self.interpolation = _Normalize(mean, std), interpolation
@@ -161,8 +160,8 @@ def _jitter(x: torch.Tensor, op: int, f: float) -> None:
 class EvalTransform:
     """Resize the shorter side to img_size / crop_pct, then centre-crop img_size, normalise."""
 
-    def __init__(self, img_size: int, crop_pct: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 interpolation: str = "bilinear"):
+    def __init__(self, img_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float],
+                 interpolation: str):
         self.size, self.resize_to = img_size, math.floor(img_size / crop_pct)
         self.normalize, self.interpolation = _Normalize(mean, std), interpolation
         self.crop_pct, self.mean, self.std = crop_pct, tuple(mean), tuple(std)  # for an export's pretrained_cfg
@@ -181,16 +180,24 @@ class EvalTransform:
 def build_transform(cfg: Mapping, train: bool):
     """Transform from data config keys img_size, scale, ratio, hflip (a probability), color_jitter
     (a number or [brightness, contrast, saturation]), mean, std, eval_crop_pct, interpolation
-    ('bilinear', torchvision's default, or 'bicubic')."""
-    common = dict(mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
-                  interpolation=cfg.get("interpolation", "bilinear"))
+    ('bilinear' or 'bicubic'). Their values live in conf/ only."""
+    common = dict(mean=tuple(setting(cfg, "mean")), std=tuple(setting(cfg, "std")),
+                  interpolation=setting(cfg, "interpolation"))
     if common["interpolation"] not in ("bilinear", "bicubic"):
-        raise ValueError(f"data.interpolation: {common['interpolation']!r} is not 'bilinear' or 'bicubic'")
+        raise DataError(f"data.interpolation: {common['interpolation']!r} is not 'bilinear' or 'bicubic'")
     if not train:
-        return EvalTransform(cfg["img_size"], cfg.get("eval_crop_pct", 0.875), **common)
-    jitter = cfg.get("color_jitter", 0.4)
+        return EvalTransform(setting(cfg, "img_size"), setting(cfg, "eval_crop_pct"), **common)
+    jitter = setting(cfg, "color_jitter")
     jitter = (float(jitter),) * 3 if isinstance(jitter, (int, float)) else tuple(jitter)
     if len(jitter) != 3:
-        raise ValueError(f"data.color_jitter: expected a number or [brightness, contrast, saturation], got {jitter}")
-    return TrainTransform(cfg["img_size"], cfg.get("scale", (0.08, 1.0)), cfg.get("ratio", (3 / 4, 4 / 3)),
-                          float(cfg.get("hflip", 0.5)), jitter, **common)
+        raise DataError(f"data.color_jitter: expected a number or [brightness, contrast, saturation], got {jitter}")
+    return TrainTransform(setting(cfg, "img_size"), setting(cfg, "scale"), setting(cfg, "ratio"),
+                          float(setting(cfg, "hflip")), jitter, **common)
+
+
+def setting(data_cfg: Mapping, key: str):
+    """A data config key that conf/ sets for every dataset: a config without it is one clear line."""
+    if key not in data_cfg:
+        raise DataError(f"data.{key} is missing; add it to the data config (conf/data/ and conf/pretrain.yaml "
+                        "set every key)")
+    return data_cfg[key]

@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from vit.engine.distributed import barrier, broadcast_object
 from vit.errors import CheckpointError, CheckpointRefusedError, CheckpointSaveError, ConfigError
-from vit.run_dir import checkpoints_dir, step_of
+from vit.run_dir import checkpoints_dir, complete_saved_config, step_of
 
 COMPLETE = "COMPLETE"
 TRAIN_STATE = "train_state.json"
@@ -150,7 +150,8 @@ INCOMPLETE = "incomplete (no COMPLETE marker)"
 
 
 def read_train_state(path: Path) -> dict:
-    return json.loads((path / TRAIN_STATE).read_text())
+    state = json.loads((path / TRAIN_STATE).read_text())
+    return {**state, "config": complete_saved_config(state["config"])} if "config" in state else state
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

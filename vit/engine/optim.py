@@ -61,7 +61,7 @@ def learning_rate(step: int, optim_cfg, total_steps: int) -> float:
       step    times `gamma` at each of `milestones` (fractions of the run, rounded to the nearest
               step, so that 9 digits give detectron2's exact iterations; ViTDet's COCO recipe);
       poly    (1 - progress) ** `power` to 0 (mmseg's ADE20K recipe)."""
-    base, warmup, kind = optim_cfg.lr, optim_cfg.warmup_steps, optim_cfg.get("schedule", "cosine")
+    base, warmup, kind = optim_cfg.lr, optim_cfg.warmup_steps, optim_cfg.schedule
     if kind == "cosine" or step < warmup:
         return warmup_cosine(step, base, warmup, total_steps)
     if kind == "step":

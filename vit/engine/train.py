@@ -149,7 +149,7 @@ def build_model_and_optimizer(cfg: DictConfig, task, world, precision: str, num_
                 bf16_root=task.bf16_root, unit_blocks=cfg.fsdp.unit_blocks,
                 reshard_after_forward=cfg.fsdp.reshard_after_forward, float8=cfg.train.float8)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                lr_scale=task.lr_scale(model), decay_all=cfg.optim.get("decay_all", False))
+                                lr_scale=task.lr_scale(model), decay_all=cfg.optim.decay_all)
     if cfg.train.float8:
         precompute_float8_scales_after_each_step(model, optimizer)
     # The same init on every rank needed the same seed; from here on each rank draws its own
@@ -173,7 +173,7 @@ def resume(cfg: DictConfig, ckpt: Checkpointer, model, optimizer, task, source, 
     saved = ckpt.load_latest(model, optimizer, incompatible)
     say = print if world.is_main else (lambda *a, **k: None)
     if not saved:
-        if cfg.get("pretrained"):  # a fine-tune's fresh start; a resumed run continues from its own weights
+        if cfg.pretrained:  # a fine-tune's fresh start; a resumed run continues from its own weights
             loaded = task.load_pretrained(model)
             journal.write("pretrained", state.step, path=str(cfg.pretrained), loaded=loaded)
             say(f"fresh start from pretrained weights {loaded}", flush=True)

@@ -21,4 +21,4 @@ TASKS = {task.name: task for task in (Classification, CocoDetection, ADE20KSegme
 
 
 def build_task(cfg: DictConfig) -> Task:
-    return TASKS[cfg.get("task", {}).get("name", "classification")](cfg)
+    return TASKS[cfg.task.name](cfg)

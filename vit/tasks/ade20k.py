@@ -23,7 +23,7 @@ class ADE20KSegmentation(DenseTask):
         from vit.models.segmentation import Segmenter
 
         t = self.cfg.task
-        out_blocks = list(t.get("out_blocks") or spread_blocks(VARIANTS[self.cfg.model.name].depth))
+        out_blocks = list(t.out_blocks or spread_blocks(VARIANTS[self.cfg.model.name].depth))
         return Segmenter(self.build_trunk(out_blocks), num_classes, channels=t.channels,
                          aux_channels=t.aux_channels, aux_weight=t.aux_weight, ignore_index=IGNORE_INDEX)
 

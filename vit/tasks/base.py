@@ -96,14 +96,13 @@ class DenseTask(Task):
     def trunk_args(self, out_blocks) -> dict:
         cfg, variant = self.cfg, VARIANTS[self.cfg.model.name]
         return dict(variant=variant, img_size=cfg.data.img_size, patch_size=cfg.task.patch_size,
-                    window_size=cfg.task.get("window_size", 0), global_blocks=self.global_blocks(),
-                    out_blocks=out_blocks, drop_path_rate=cfg.model.drop_path_rate,
-                    use_rel_pos=cfg.task.get("use_rel_pos", False))
+                    window_size=cfg.task.window_size, global_blocks=self.global_blocks(),
+                    out_blocks=out_blocks, drop_path_rate=cfg.model.drop_path_rate, use_rel_pos=cfg.task.use_rel_pos)
 
     def global_blocks(self) -> list[int]:
-        if not self.cfg.task.get("window_size"):
+        if not self.cfg.task.window_size:
             return []
-        return list(self.cfg.task.get("global_blocks") or spread_blocks(VARIANTS[self.cfg.model.name].depth))
+        return list(self.cfg.task.global_blocks or spread_blocks(VARIANTS[self.cfg.model.name].depth))
 
     def build_trunk(self, out_blocks) -> nn.Module:
         from vit.models.dense import DenseViT

@@ -55,7 +55,7 @@ class Classification(Task):
     def build_model(self, num_classes: int) -> nn.Module:
         cfg = self.cfg
         return build_model(cfg.model.name, num_classes, img_size=cfg.data.img_size,
-                           drop_path_rate=cfg.model.drop_path_rate, dropout_rate=cfg.model.get("dropout_rate", 0.0),
+                           drop_path_rate=cfg.model.drop_path_rate, dropout_rate=cfg.model.dropout_rate,
                            grad_checkpointing=cfg.model.grad_checkpointing,
                            sigmoid_head=cfg.train.loss == "sigmoid")
 
@@ -64,8 +64,8 @@ class Classification(Task):
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         t = self.cfg.train
-        if t.get("mixup") or t.get("cutmix"):
-            images, labels = mix_batch(images, labels, model.num_classes, t.get("mixup") or 0, t.get("cutmix") or 0)
+        if t.mixup or t.cutmix:
+            images, labels = mix_batch(images, labels, model.num_classes, t.mixup, t.cutmix)
         return classification_loss(model(images), labels, t.loss, t.label_smoothing)
 
     @torch.no_grad()

@@ -82,7 +82,7 @@ class CocoDetection(DenseTask):
             image_ids = [i for _, _, ids in gathered for i in ids]
             try:
                 scores = coco_ap(source.ann_file, [d for part, _, _ in gathered for d in part], image_ids)
-                if self.cfg.task.get("masks"):
+                if self.cfg.task.masks:
                     scores.update(coco_ap(source.ann_file, [d for _, part, _ in gathered for d in part], image_ids,
                                           iou_type="segm"))
                 scores["unreadable"] = unreadable
