@@ -23,7 +23,7 @@ MAY_IMPORT = {
     "tasks": {"errors", "run_dir", "models", "data", "engine"},
     "cluster": {"errors", "run_dir", "journal", "stop", "config", "models", "data", "tasks", "engine"},
 }
-MAX_FUNCTION_LINES = 110  # the training loop, top to bottom, is the longest
+MAX_FUNCTION_LINES = 100  # the training loop, top to bottom, is the longest
 
 
 def modules() -> dict[str, Path]:

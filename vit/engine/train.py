@@ -274,6 +274,17 @@ def health_failure(window: dict, state: TrainState, cfg: DictConfig) -> Exceptio
     return None
 
 
+def evaluation_due(step: int, eval_every: int, total: int) -> bool:
+    return step % eval_every == 0 or step >= total
+
+
+def evaluation_owed(val_source, run_dir: Path, step: int, eval_every: int, total: int) -> bool:
+    """A stop skips the evaluation due at its step (it must not delay the save's exit), so a start
+    owes it when its result is missing. Collective: every rank calls it."""
+    return (val_source is not None and step > 0 and evaluation_due(step, eval_every, total)
+            and not broadcast_object(evaluation_file(run_dir, step).exists()))
+
+
 def already_complete(task, model, val_source, world, run_dir: Path, step: int, total: int, journal: Journal,
                      owed_eval: bool) -> dict:
     """A start after the last step: only an evaluation that a stop skipped is left to do."""
@@ -309,10 +320,7 @@ def train(cfg: DictConfig, state: TrainState | None = None) -> dict:
                         every_steps=c.every_steps, every_minutes=c.every_minutes, async_save=c.async_save,
                         journal=journal)
     resume(cfg, ckpt, model, optimizer, task, source, state, steps, journal, world)
-    # A stop skips the evaluation due at its step (it must not delay the save's exit): it is owed now.
-    owed_eval = (val_source is not None and state.step > 0 and (state.step % cfg.train.eval_every == 0
-                                                                 or state.step >= steps)
-                 and not broadcast_object(evaluation_file(run_dir, state.step).exists()))
+    owed_eval = evaluation_owed(val_source, run_dir, state.step, cfg.train.eval_every, steps)
     if state.step >= steps:
         return already_complete(task, model, val_source, world, run_dir, state.step, steps, journal, owed_eval)
     flops_per_image = task.flops_per_image(len(source.classes))
@@ -377,7 +385,7 @@ def train(cfg: DictConfig, state: TrainState | None = None) -> dict:
                       f"{ckpt.last_save_seconds or 0:.1f}s", flush=True)
         elif ckpt.pending is not None and not saving:
             ckpt.finish()
-        if val_source is not None and not stop_kind and (state.step % cfg.train.eval_every == 0 or state.step == steps):
+        if val_source is not None and not stop_kind and evaluation_due(state.step, cfg.train.eval_every, steps):
             with logger.paused():
                 evaluate(task, model, val_source, world, run_dir, state.step, journal, logger)
         if stop_kind:
